@@ -1,0 +1,86 @@
+"""Terminal output: warnings on stderr, a Rich progress bar on a TTY and plain lines elsewhere."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def info(message: str) -> None:
+    """A line of normal output (stdout)."""
+    out.print(message, markup=False)
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr; the run goes on."""
+    err.print(f"warning: {message}", markup=False, style="yellow")
+
+
+class _Rate:
+    """Items per second since the start, for the plain progress lines."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int) -> float:
+        return done / max(time.perf_counter() - self.start, 1e-9)
+
+
+@contextmanager
+def progress(total: int, description: str, unit: str = "it") -> Iterator[callable]:
+    """Yield ``advance(n)``; a live Rich bar with rate and ETA on a TTY, a line every ~10% otherwise."""
+    if out.is_terminal:
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        rate = _Rate()
+        with Progress(*columns, console=out, transient=False) as bar:
+            task = bar.add_task(description, total=total, rate="")
+            done = 0
+
+            def advance(n: int = 1, **fields: str) -> None:
+                nonlocal done
+                done += n
+                bar.update(task, advance=n, rate=f"{rate(done):,.1f} {unit}/s", **fields)
+
+            yield advance
+        return
+
+    rate = _Rate()
+    state = {"done": 0, "next": max(total // 10, 1), "last": time.perf_counter()}
+
+    def advance_plain(n: int = 1, **fields: str) -> None:
+        state["done"] += n
+        now = time.perf_counter()
+        if state["done"] >= state["next"] or state["done"] == total or now - state["last"] > 30:
+            state["next"] = state["done"] + max(total // 10, 1)
+            state["last"] = now
+            done = state["done"]
+            speed = rate(done)
+            eta = (total - done) / speed if speed > 0 else float("inf")
+            extra = "".join(f" {k}={v}" for k, v in fields.items())
+            print(f"{description}: {done}/{total} {speed:,.1f} {unit}/s eta {eta:,.0f}s{extra}", flush=True)
+
+    yield advance_plain
+    sys.stdout.flush()

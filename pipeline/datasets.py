@@ -1,0 +1,350 @@
+"""Reading captioned image sets: Karpathy JSON, Flickr8k token files, Kaggle Flickr30k/Flickr8k CSVs.
+
+`find_captions(images_dir)` picks the captions file; `read_captions(images_dir, path)` returns a
+`CaptionSet`: every image name (relative to the images folder), its captions and its split, plus
+counts of what was repaired or skipped. Real files have defects; these readers repair what is
+unambiguous (a missing separator, a `.jpg.1` name), skip the rest, and count both.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from pipeline.errors import UserError
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+# Recognised captions files, best first: a file that carries its own split wins.
+KARPATHY_NAMES = ("dataset_coco.json", "dataset_flickr30k.json", "dataset_flickr8k.json")
+LAYOUTS = {
+    "karpathy": KARPATHY_NAMES + tuple(n + ".gz" for n in KARPATHY_NAMES),
+    "flickr8k-token": ("Flickr8k.token.txt",),
+    "kaggle-flickr30k": ("results.csv",),
+    "kaggle-flickr8k": ("captions.txt",),
+}
+RECOGNISED = ", ".join(n for names in LAYOUTS.values() for n in names if not n.endswith(".gz"))
+
+
+@dataclass
+class CaptionSet:
+    """Captions of an image set. `images[i]` is a path relative to the images folder (POSIX style)."""
+
+    images: list[str]
+    captions: list[list[str]]
+    splits: list[str]
+    layout: str
+    source: Path
+    problems: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def find_captions(images_dir: Path) -> tuple[Path, str]:
+    """Find a recognised captions file in `images_dir` or one folder down; prefer one with a split."""
+    if not images_dir.is_dir():
+        raise UserError(f"images folder not found: {images_dir}")
+    folders = [images_dir] + sorted(p for p in images_dir.iterdir() if p.is_dir())
+    for layout, names in LAYOUTS.items():
+        for folder in folders:
+            for name in names:
+                if (folder / name).is_file():
+                    return folder / name, layout
+    raise UserError(
+        f"no captions file found in {images_dir} or one folder down; recognised: {RECOGNISED} (or pass --captions FILE)"
+    )
+
+
+def detect_layout(path: Path) -> str:
+    """The layout of a captions file given by the user, from its name and then its first line."""
+    for layout, names in LAYOUTS.items():
+        if path.name in names:
+            return layout
+    if path.suffix == ".json" or path.name.endswith(".json.gz"):
+        return "karpathy"
+    head = _open_text(path).readline()
+    if "|" in head and "image_name" in head:
+        return "kaggle-flickr30k"
+    if re.match(r"^\S+#\d+\t", head):
+        return "flickr8k-token"
+    if head.lower().startswith("image,"):
+        return "kaggle-flickr8k"
+    raise UserError(f"unrecognised captions file {path}; recognised layouts: {RECOGNISED}")
+
+
+def read_captions(images_dir: Path, captions: Path | None = None) -> CaptionSet:
+    """Read the captions of the images in `images_dir`, from `captions` or the file found there."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise UserError(f"images folder not found: {images_dir}")
+    if captions is None:
+        path, layout = find_captions(images_dir)
+    else:
+        path = Path(captions)
+        if not path.is_file():
+            raise UserError(f"captions file not found: {path}")
+        layout = detect_layout(path)
+    problems: Counter = Counter()
+    try:
+        if layout == "karpathy":
+            entries = _read_karpathy(path, problems)
+        elif layout == "flickr8k-token":
+            entries = _with_split_files(_read_flickr8k_token(path, problems), path.parent, problems)
+        elif layout == "kaggle-flickr30k":
+            entries = _read_kaggle_flickr30k(path, problems)
+        else:
+            entries = _with_split_files(_read_kaggle_flickr8k(path, problems), path.parent, problems)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error, KeyError, TypeError) as e:
+        raise UserError(f"cannot read captions file {path}: {e}") from None
+    if not entries:
+        raise UserError(f"no usable captions in {path} (read as {layout})")
+    return _resolve(images_dir, path, layout, entries, problems)
+
+
+@dataclass
+class _Entry:
+    captions: list[str] = field(default_factory=list)
+    split: str | None = None
+    folder: str = ""  # Karpathy COCO `filepath`, e.g. "val2014"
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _read_karpathy(path: Path, problems: Counter) -> dict[str, _Entry]:
+    with _open_text(path) as f:
+        data = json.load(f)
+    images = data["images"] if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise UserError(f"{path} is not a Karpathy dataset file (no 'images' list)")
+    entries: dict[str, _Entry] = {}
+    for item in images:
+        name = item.get("filename") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not name:
+            problems["malformed caption rows"] += 1
+            continue
+        split = item.get("split", "train")
+        split = "train" if split == "restval" else split
+        if split not in SPLITS:
+            problems[f"images with unknown split {split!r} (counted as train)"] += 1
+            split = "train"
+        folder = item.get("filepath", "") or ""
+        key = str(PurePosixPath(folder) / name) if folder else name
+        entry = entries.setdefault(key, _Entry(split=split, folder=folder))
+        for sentence in item.get("sentences", []):
+            raw = sentence.get("raw") if isinstance(sentence, dict) else None
+            if not raw and isinstance(sentence, dict) and sentence.get("tokens"):
+                raw = " ".join(sentence["tokens"])
+            if isinstance(raw, str) and raw.strip():
+                entry.captions.append(_clean(raw))
+            else:
+                problems["empty captions"] += 1
+    return entries
+
+
+_TOKEN_ROW = re.compile(r"^(?P<name>[^#\t]+)#(?P<k>\d+)\s+(?P<text>.*)$")
+_STRAY_SUFFIX = re.compile(r"^(?P<base>.+\.(?:jpe?g|png))\.\d+$", re.IGNORECASE)
+
+
+def _repair_name(name: str, problems: Counter) -> str:
+    """`x.jpg.1` (a stray Flickr8k entry) names `x.jpg`: unambiguous, so repaired and counted."""
+    m = _STRAY_SUFFIX.match(name)
+    if m:
+        problems["repaired image names (x.jpg.N -> x.jpg)"] += 1
+        return m.group("base")
+    return name
+
+
+def _read_flickr8k_token(path: Path, problems: Counter) -> dict[str, _Entry]:
+    entries: dict[str, _Entry] = defaultdict(_Entry)
+    with _open_text(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            m = _TOKEN_ROW.match(line.rstrip("\r\n"))
+            if not m or not m.group("text").strip():
+                problems["malformed caption rows"] += 1
+                continue
+            name = _repair_name(m.group("name").strip(), problems)
+            entries[name].captions.append(_clean(m.group("text")))
+    return dict(entries)
+
+
+# `image_name| comment_number| comment`; the real file has a row whose second `|` is missing.
+_KAGGLE30K_ROW = re.compile(r"^(?P<name>[^|]+?)\s*\|\s*(?P<k>\d+)\s*(?P<sep>\|)?\s*(?P<text>.*)$")
+
+
+def _read_kaggle_flickr30k(path: Path, problems: Counter) -> dict[str, _Entry]:
+    entries: dict[str, _Entry] = defaultdict(_Entry)
+    with _open_text(path) as f:
+        for i, line in enumerate(f):
+            line = line.rstrip("\r\n")
+            if i == 0 and line.replace(" ", "").lower().startswith("image_name|"):
+                continue
+            if not line.strip():
+                continue
+            m = _KAGGLE30K_ROW.match(line)
+            if not m or not m.group("text").strip():
+                problems["malformed caption rows"] += 1
+                continue
+            if m.group("sep") is None:
+                problems["repaired rows (missing '|' separator)"] += 1
+            name = _repair_name(m.group("name").strip(), problems)
+            entries[name].captions.append(_clean(m.group("text")))
+    return dict(entries)
+
+
+def _read_kaggle_flickr8k(path: Path, problems: Counter) -> dict[str, _Entry]:
+    entries: dict[str, _Entry] = defaultdict(_Entry)
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        for i, row in enumerate(reader):
+            if i == 0 and row and row[0].strip().lower() == "image":
+                continue
+            if not row:
+                continue
+            if len(row) < 2 or not row[0].strip():
+                problems["malformed caption rows"] += 1
+                continue
+            # An unquoted caption with commas splits into extra fields: they belong to the caption.
+            text = ",".join(row[1:])
+            if not text.strip():
+                problems["malformed caption rows"] += 1
+                continue
+            name = _repair_name(row[0].strip(), problems)
+            entries[name].captions.append(_clean(text))
+    return dict(entries)
+
+
+_SPLIT_FILES = {
+    "train": ("Flickr_8k.trainImages.txt",),
+    "val": ("Flickr_8k.devImages.txt",),
+    "test": ("Flickr_8k.testImages.txt",),
+}
+
+
+def _with_split_files(entries: dict[str, _Entry], folder: Path, problems: Counter) -> dict[str, _Entry]:
+    """Apply Flickr8k's official split files when they sit next to the captions."""
+    found = False
+    for split, names in _SPLIT_FILES.items():
+        for name in names:
+            if (folder / name).is_file():
+                found = True
+                for line in (folder / name).read_text(encoding="utf-8").split():
+                    if line in entries:
+                        entries[line].split = split
+    if found:
+        unlisted = [e for e in entries.values() if e.split is None]
+        if unlisted:
+            problems["images in no official split file (counted as train)"] += len(unlisted)
+            for e in unlisted:
+                e.split = "train"
+    return entries
+
+
+def hash_split(name: str) -> str:
+    """A deterministic 80/10/10 split decided by the image name alone (not file order, not existence)."""
+    bucket = int.from_bytes(hashlib.sha1(PurePosixPath(name).name.encode("utf-8")).digest()[:4], "big") % 100
+    return "train" if bucket < 80 else "val" if bucket < 90 else "test"
+
+
+def _safe_relative(name: str) -> PurePosixPath | None:
+    """The name as a relative path inside the images folder, or None when it would escape it."""
+    name = name.replace("\\", "/")
+    p = PurePosixPath(name)
+    if p.is_absolute() or re.match(r"^[A-Za-z]:", name) or ".." in p.parts or not p.parts:
+        return None
+    return p
+
+
+def _image_roots(images_dir: Path, captions_path: Path) -> list[Path]:
+    """Folders where names from the captions file may live: the images folder, the captions file's
+    folder, and their sub-folders (Kaggle keeps images in a sibling such as `flickr30k_images/`)."""
+    roots: list[Path] = []
+    for base in (images_dir, captions_path.parent):
+        for cand in [base] + (sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []):
+            cand = cand.resolve()
+            try:
+                cand.relative_to(images_dir.resolve())
+            except ValueError:
+                continue  # only folders inside the images folder
+            if cand not in roots:
+                roots.append(cand)
+    return roots
+
+
+def _pick_root(images_dir: Path, captions_path: Path, names: Iterable[PurePosixPath]) -> Path:
+    names = list(names)
+    sample = names[:: max(len(names) // 200, 1)][:200]
+    best, best_hits = images_dir.resolve(), -1
+    for root in _image_roots(images_dir, captions_path):
+        hits = sum((root / n).is_file() for n in sample)
+        if hits > best_hits:
+            best, best_hits = root, hits
+    return best
+
+
+def _resolve(images_dir: Path, path: Path, layout: str, entries: dict[str, _Entry], problems: Counter) -> CaptionSet:
+    safe: dict[PurePosixPath, _Entry] = {}
+    for name, entry in entries.items():
+        rel = _safe_relative(name)
+        if rel is None:
+            problems["names outside the images folder (rejected)"] += 1
+            continue
+        if not entry.captions:
+            problems["images with no captions"] += 1
+            continue
+        safe[rel] = entry
+    root = _pick_root(images_dir, path, safe)
+    base = images_dir.resolve()
+    images, captions, splits = [], [], []
+    for rel in sorted(safe, key=str):
+        full = root / rel
+        try:
+            full.resolve().relative_to(base)  # a symlink may still point outside
+        except (ValueError, OSError):
+            problems["names outside the images folder (rejected)"] += 1
+            continue
+        if not full.is_file():
+            problems["captioned images missing on disk"] += 1
+            continue
+        entry = safe[rel]
+        images.append(full.relative_to(base).as_posix())
+        captions.append(entry.captions)
+        splits.append(entry.split or hash_split(str(rel)))
+        n = len(entry.captions)
+        if n != 5 and layout != "karpathy":
+            problems[f"images with {n} captions (kept)"] += 1
+    problems["images on disk with no caption (not extracted)"] += _count_uncaptioned(root, set(images), base)
+    return CaptionSet(images, captions, splits, layout, path, problems)
+
+
+def _count_uncaptioned(root: Path, captioned: set[str], base: Path) -> int:
+    count = 0
+    try:
+        with os.scandir(root) as it:
+            for e in it:
+                if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES:
+                    rel = (Path(e.path).resolve()).relative_to(base).as_posix()
+                    count += rel not in captioned
+    except OSError:
+        pass
+    return count

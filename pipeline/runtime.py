@@ -1,0 +1,42 @@
+"""Device choice, autocast and worker counts: the few CUDA-vs-CPU decisions, in one place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from pipeline.errors import UserError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """`auto` is cuda when available, else cpu; `cuda` without a GPU is a user error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown --device {spec!r} (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is available (use --device cpu or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported --device {spec!r} (use auto, cpu or cuda)")
+    return device
+
+
+def autocast(
+    device: torch.device, enabled: bool = True, dtype: torch.dtype | None = None
+) -> contextlib.AbstractContextManager:
+    """Autocast on CUDA (bf16 by default, fp16 on GPUs without bf16); nothing on CPU, where it is slower."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def default_workers() -> int:
+    """Decoding workers: leave a core for the main process, at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cores - 1))

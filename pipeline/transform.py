@@ -1,0 +1,73 @@
+"""The one image transform, shared by `extract` and `generate` and recorded in the store.
+
+Pillow open, EXIF transpose, RGB, resize to 224x224 (bilinear), scale to [0, 1], ImageNet mean/std.
+Split in two so that the cheap, parallel part (decode + resize, uint8) runs in DataLoader workers and
+the arithmetic part (float, normalise) runs on the device, batched.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Errors a bad image file can raise: truncated or zero-byte (OSError, incl. UnidentifiedImageError),
+# a decompression bomb past Pillow's guard, odd headers (ValueError, SyntaxError, EOFError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    size: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    exif_transpose: bool = True
+    library: str = "pillow"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TransformConfig:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def open_image(path: str | Path, config: TransformConfig = TransformConfig()) -> Image.Image:
+    """Open an image as RGB, EXIF-rotated. Raises one of DECODE_ERRORS on a bad file."""
+    with warnings.catch_warnings():
+        # Pillow warns before its DecompressionBombError threshold; the error itself stays an error.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            if config.exif_transpose:
+                img = ImageOps.exif_transpose(img)
+            return img.convert("RGB")
+
+
+def resize_uint8(img: Image.Image, config: TransformConfig = TransformConfig()) -> torch.Tensor:
+    """(3, size, size) uint8 tensor of the resized RGB image."""
+    img = img.resize((config.size, config.size), _RESAMPLE[config.interpolation])
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_uint8(path: str | Path, config: TransformConfig = TransformConfig()) -> torch.Tensor:
+    """Decode and resize one image file: the worker-side half of the transform."""
+    return resize_uint8(open_image(path, config), config)
+
+
+def normalize(batch: torch.Tensor, config: TransformConfig = TransformConfig(), dtype=torch.float32) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float, scaled to [0, 1] and normalised, on the batch's device."""
+    mean = torch.tensor(config.mean, device=batch.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, device=batch.device, dtype=dtype).view(1, 3, 1, 1)
+    return (batch.to(dtype) / 255.0 - mean) / std
