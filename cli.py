@@ -73,5 +73,62 @@ def extract(
     _run(run_extract, cfg)
 
 
+@app.command()
+def fit(
+    store: Annotated[Path, typer.Option(help="Feature store made by extract.")] = Path("cache/features.h5"),
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs in total (with --resume, those done count).")] = 50,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    out: Annotated[Path, typer.Option(help="Folder for model.pt, last.pt and metrics.jsonl.")] = Path("cache"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, shuffling and caption choice.")] = 0,
+    min_word_count: Annotated[int, typer.Option(min=1, help="Keep words seen this often in train captions.")] = 5,
+    captions_per_image: Annotated[int, typer.Option(min=1, help="Captions of each image per epoch.")] = 1,
+    grad_clip: Annotated[float, typer.Option(min=0, help="Clip the gradient norm (0: off).")] = 5.0,
+    lr_step: Annotated[int, typer.Option(min=0, help="StepLR step in epochs (0: off; the report: 100).")] = 0,
+    lr_gamma: Annotated[float, typer.Option(help="StepLR factor.")] = 0.1,
+    init_from_features: Annotated[bool, typer.Option(help="SAT: h0/c0 from the mean feature.")] = False,
+    dropout: Annotated[float, typer.Option(min=0, max=0.9, help="SAT: dropout before the output layer.")] = 0.0,
+    gate: Annotated[bool, typer.Option(help="SAT: gating scalar on the attention context.")] = False,
+    attention_penalty: Annotated[float, typer.Option(min=0, help="SAT: doubly stochastic penalty weight.")] = 0.0,
+    val_decode_images: Annotated[
+        int, typer.Option(min=0, help="Val images decoded for CIDEr-D (0: choose by loss).")
+    ] = 1000,  # noqa: E501
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder.")] = False,
+) -> None:
+    """Train the attention-LSTM decoder from the feature store (the ResNet50 is not run again).
+
+    Writes OUT/model.pt (best by validation CIDEr-D), OUT/last.pt (for --resume) and OUT/metrics.jsonl.
+    """
+    from pipeline.train import TrainConfig
+    from pipeline.train import fit as run_fit
+
+    cfg = TrainConfig(
+        store=str(store),
+        out=str(out),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        resume=resume,
+        device=device,
+        seed=seed,
+        min_word_count=min_word_count,
+        captions_per_image=captions_per_image,
+        grad_clip=grad_clip,
+        lr_step=lr_step,
+        lr_gamma=lr_gamma,
+        init_from_features=init_from_features,
+        dropout=dropout,
+        gate=gate,
+        attention_penalty=attention_penalty,
+        val_decode_images=val_decode_images,
+        amp=amp,
+        compile=compile,
+    )
+    _run(run_fit, cfg)
+
+
 if __name__ == "__main__":
     app()

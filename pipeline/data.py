@@ -1,0 +1,166 @@
+"""Training batches from the store: one indexed read of the memory map per batch, prefetched in a thread.
+
+An epoch is one pass over the training images; each image brings `captions_per_image` of its captions,
+drawn afresh every epoch from a generator seeded by (seed, epoch) alone, so that a resumed run sees
+exactly the batches an uninterrupted one would. The image's feature row is read once for all of them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.store import FeatureStore
+from pipeline.vocab import Vocabulary
+
+
+@dataclass
+class CaptionIndex:
+    """Encoded captions grouped by image row (CSR): captions of row r are ids[start[r]:start[r]+count[r]]."""
+
+    ids: np.ndarray  # (M, L) int32, sorted by owner row
+    start: np.ndarray  # (N,) int64
+    count: np.ndarray  # (N,) int64
+
+    @classmethod
+    def build(cls, vocab: Vocabulary, texts: list[str], owners: np.ndarray, n_rows: int, max_len: int) -> CaptionIndex:
+        order = np.argsort(owners, kind="stable")
+        ids, _ = vocab.encode_batch([texts[i] for i in order], max_len)
+        count = np.bincount(owners, minlength=n_rows).astype(np.int64)
+        start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+        return cls(ids, start, count)
+
+    def pick(self, rows: np.ndarray, k: int, rng: np.random.Generator | None) -> np.ndarray:
+        """(len(rows), k) caption indices: k distinct captions per image when it has k, else repeats.
+        With rng=None the choice is fixed (the first k, cycling): used for validation."""
+        counts = self.count[rows]
+        if rng is None:
+            slot = np.arange(k)[None, :] % counts[:, None]
+        else:
+            width = int(counts.max())
+            keys = rng.random((len(rows), width))
+            keys[np.arange(width)[None, :] >= counts[:, None]] = np.inf  # slots past the image's captions
+            slot = np.argsort(keys, axis=1)[:, :k] % counts[:, None]
+            if k > width:
+                slot = np.concatenate([slot, rng.integers(0, 1 << 30, (len(rows), k - width)) % counts[:, None]], 1)
+        return self.start[rows][:, None] + slot
+
+
+@dataclass
+class Batch:
+    features: torch.Tensor  # (B, 7, 7, D) store dtype, on the device
+    tokens: torch.Tensor  # (B, G, T+1) int64 ids, trimmed to the longest caption in the batch
+    rows: np.ndarray  # (B,) store rows
+
+
+class Batches:
+    """Iterates training or validation batches; features from the memory map, or from a copy resident
+    on the device when one was made (`make_resident`)."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        captions: CaptionIndex,
+        rows: np.ndarray,
+        batch_size: int,
+        captions_per_image: int,
+        device: torch.device,
+    ) -> None:
+        self.store, self.captions, self.rows = store, captions, np.asarray(rows)
+        self.batch_size, self.k, self.device = batch_size, captions_per_image, device
+        self.resident: torch.Tensor | None = None  # features of self.rows, in self.rows order
+        self._position: np.ndarray | None = None  # store row -> index into resident
+
+    def __len__(self) -> int:
+        return (len(self.rows) + self.batch_size - 1) // self.batch_size
+
+    def make_resident(self, chunk: int = 1024) -> None:
+        """Copy these rows' features to the device once; batches are then gathered there."""
+        feats = self.store.features
+        out = torch.empty(
+            (len(self.rows), *feats.shape[1:]), dtype=torch.from_numpy(feats[:1]).dtype, device=self.device
+        )
+        for i in range(0, len(self.rows), chunk):
+            block = torch.from_numpy(np.ascontiguousarray(feats[np.sort(self.rows[i : i + chunk])]))
+            order = np.argsort(np.argsort(self.rows[i : i + chunk]))  # back from sorted to self.rows order
+            out[i : i + len(block)] = block[torch.from_numpy(order)].to(self.device)
+        self.resident = out
+        self._position = np.full(len(self.store), -1, dtype=np.int64)
+        self._position[self.rows] = np.arange(len(self.rows))
+
+    def plan(self, epoch: int | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The epoch's batches as (image rows, caption indices). epoch=None: fixed order, fixed captions."""
+        if epoch is None:
+            rows, rng = self.rows, None
+        else:
+            rng = np.random.default_rng([seed, epoch])
+            rows = self.rows[rng.permutation(len(self.rows))]
+        picks = self.captions.pick(rows, self.k, rng)
+        out = []
+        for i in range(0, len(rows), self.batch_size):
+            r, p = rows[i : i + self.batch_size], picks[i : i + self.batch_size]
+            order = np.argsort(r, kind="stable")  # ascending rows: the memory map is read front to back
+            out.append((r[order], p[order]))
+        return out
+
+    def _load(self, rows: np.ndarray, picks: np.ndarray) -> Batch:
+        ids = self.captions.ids[picks]  # (B, G, L)
+        longest = int((ids != 0).sum(-1).max())
+        tokens = torch.from_numpy(ids[..., :longest].astype(np.int64))
+        if self.resident is not None:
+            index = torch.from_numpy(self._position[rows]).to(self.device, non_blocking=True)
+            feats = self.resident.index_select(0, index)
+        else:
+            feats = torch.from_numpy(self.store.features[rows])  # one fancy-indexed read of the map
+            if self.device.type == "cuda":
+                feats = feats.pin_memory()
+        return Batch(feats.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True), rows)
+
+    def iterate(self, epoch: int | None, seed: int, prefetch: int = 4) -> Iterator[Batch]:
+        plan = self.plan(epoch, seed)
+        if self.resident is not None:
+            for rows, picks in plan:
+                yield self._load(rows, picks)
+            return
+        yield from _background((self._load(r, p) for r, p in plan), prefetch)
+
+
+def _background(items: Iterator, depth: int) -> Iterator:
+    """Run a generator in a thread, `depth` items ahead (numpy's gathers release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)

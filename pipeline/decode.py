@@ -1,0 +1,146 @@
+"""Greedy and batched beam search over the decoder's step API; used by fit, evaluate and generate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.model import Decoder
+from pipeline.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+
+UNK_PENALTY = 1e4  # <unk> wins only when every other word is impossible
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]  # emitted word ids, without <start>/<end>
+    attention: np.ndarray  # (len(tokens), P) attention weights for each emitted word
+    score: float  # length-normalised log-probability (incl. <end> when emitted)
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    logp = logits.float().log_softmax(dim=-1)
+    logp[..., PAD_ID] = -float("inf")
+    logp[..., START_ID] = -float("inf")
+    logp[..., UNK_ID] -= UNK_PENALTY
+    return logp
+
+
+@torch.inference_mode()
+def greedy(model: Decoder, features: torch.Tensor, max_steps: int = 19) -> list[Decoded]:
+    """Most likely word at each step until <end> or `max_steps` words; features (B, 7, 7, D)."""
+    b = features.shape[0]
+    state = model.init_state(features)
+    tokens = torch.full((b, 1), START_ID, dtype=torch.long, device=features.device)
+    out_tokens, out_alpha, total = [], [], torch.zeros(b, device=features.device)
+    finished = torch.zeros(b, dtype=torch.bool, device=features.device)
+    lengths = torch.full((b,), max_steps, device=features.device)
+    for t in range(max_steps):
+        logits, state, alpha = model.step(state, tokens)
+        logp = _log_probs(logits[:, 0])
+        best, tokens1 = logp.max(dim=-1)
+        total = total + torch.where(finished, torch.zeros_like(best), best)
+        newly = (~finished) & (tokens1 == END_ID)
+        lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
+        finished |= newly
+        out_tokens.append(tokens1)
+        out_alpha.append(alpha[:, 0])
+        tokens = tokens1.unsqueeze(1)
+        if bool(finished.all()):
+            break
+    toks = torch.stack(out_tokens, 1).cpu().numpy()
+    alphas = torch.stack(out_alpha, 1).float().cpu().numpy()
+    scores = (total / lengths).cpu().numpy()
+    return [_trim(toks[i], alphas[i], float(scores[i])) for i in range(b)]
+
+
+def _trim(tokens: np.ndarray, alpha: np.ndarray, score: float) -> Decoded:
+    ends = np.flatnonzero(tokens == END_ID)
+    n = int(ends[0]) if len(ends) else len(tokens)
+    return Decoded([int(t) for t in tokens[:n]], alpha[:n], score)
+
+
+@torch.inference_mode()
+def beam_search(model: Decoder, features: torch.Tensor, beam_size: int = 3, max_steps: int = 19) -> list[Decoded]:
+    """Batched beam search: `beam_size` hypotheses per image, scored by log-probability over length.
+    A hypothesis ends at <end>; the best ended one (or the best unfinished at `max_steps`) wins.
+    beam_size 1 is exactly greedy."""
+    if beam_size <= 1:
+        return greedy(model, features, max_steps)
+    dev = features.device
+    b, k = features.shape[0], beam_size
+    state = model.init_state(features, groups=k)
+    tokens = torch.full((b, k), START_ID, dtype=torch.long, device=dev)
+    scores = torch.full((b, k), -float("inf"), device=dev)
+    scores[:, 0] = 0.0  # all beams start identical: only the first one may expand
+    history = torch.zeros((b, k, 0), dtype=torch.long, device=dev)
+    alpha_hist: torch.Tensor | None = None
+    best_score = torch.full((b,), -float("inf"), device=dev)
+    best_tokens = torch.zeros((b, max_steps), dtype=torch.long, device=dev)
+    best_len = torch.zeros((b,), dtype=torch.long, device=dev)
+    best_alpha: torch.Tensor | None = None
+    batch_idx = torch.arange(b, device=dev)
+    for t in range(max_steps):
+        logits, state, alpha = model.step(state, tokens)  # (B, K, V), (B, K, P)
+        if best_alpha is None:
+            best_alpha = torch.zeros((b, max_steps, alpha.shape[-1]), device=dev)
+        logp = _log_probs(logits)
+        vocab = logp.shape[-1]
+        cand = (scores.unsqueeze(-1) + logp).reshape(b, k * vocab)
+        top, idx = cand.topk(k, dim=-1)  # (B, K)
+        parent, word = idx // vocab, idx % vocab
+        history = torch.cat([history.gather(1, parent.unsqueeze(-1).expand(-1, -1, t)), word.unsqueeze(-1)], -1)
+        step_alpha = alpha.gather(1, parent.unsqueeze(-1).expand(-1, -1, alpha.shape[-1])).float()
+        if alpha_hist is None:
+            alpha_hist = step_alpha.unsqueeze(2)
+        else:
+            prev = alpha_hist.gather(1, parent[..., None, None].expand(-1, -1, t, alpha_hist.shape[-1]))
+            alpha_hist = torch.cat([prev, step_alpha.unsqueeze(2)], 2)
+        ended = (word == END_ID) & torch.isfinite(top)
+        last = t == max_steps - 1
+        length = t + 1
+        norm = torch.where(ended | (last & torch.isfinite(top)), top / length, torch.full_like(top, -float("inf")))
+        cand_best, cand_k = norm.max(dim=1)
+        better = cand_best > best_score
+        if bool(better.any()):
+            best_score = torch.where(better, cand_best, best_score)
+            n_words = torch.where(ended[batch_idx, cand_k], length - 1, length)
+            best_len = torch.where(better, n_words, best_len)
+            row = torch.zeros((b, max_steps), dtype=torch.long, device=dev)
+            row[:, :length] = history[batch_idx, cand_k]
+            best_tokens = torch.where(better.unsqueeze(-1), row, best_tokens)
+            arow = torch.zeros_like(best_alpha)
+            arow[:, :length] = alpha_hist[batch_idx, cand_k]
+            best_alpha = torch.where(better[:, None, None], arow, best_alpha)
+        scores = torch.where(ended, torch.full_like(top, -float("inf")), top)
+        if not bool(torch.isfinite(scores).any()):
+            break
+        tokens = word
+        state = state.select(batch_idx, parent)
+    toks, lens = best_tokens.cpu().numpy(), best_len.cpu().numpy()
+    alphas, sc = best_alpha.cpu().numpy(), best_score.cpu().numpy()
+    return [Decoded([int(x) for x in toks[i, : lens[i]]], alphas[i, : lens[i]], float(sc[i])) for i in range(b)]
+
+
+def decode_rows(
+    model: Decoder,
+    features: np.ndarray,
+    rows: np.ndarray,
+    device: torch.device,
+    beam_size: int = 3,
+    max_steps: int = 19,
+    batch_size: int = 128,
+) -> list[Decoded]:
+    """Decode store rows (from the memory map) in batches."""
+    out: list[Decoded] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        order = np.argsort(chunk)
+        feats = torch.from_numpy(np.ascontiguousarray(features[chunk[order]])).to(device)
+        decoded = beam_search(model, feats, beam_size, max_steps)
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        out.extend(decoded[j] for j in back)
+    return out

@@ -1,0 +1,188 @@
+"""The report's attention-LSTM decoder, implemented for speed without changing its function.
+
+Per step t, with image features F (P=49 positions x 2048) and previous state (h, c):
+
+    e     = fc(tanh(f_att(F) + h_att(h)))           # (P,) additive attention scores
+    alpha = softmax(e)                               # over the 49 grid cells
+    ctx   = sum_p alpha_p F_p                        # (2048,)
+    [i, f, g, o] = W [emb(w_t); h; ctx] + b          # the report's Wi, Wf, Wc, Wo fused in one matmul
+    c' = sigmoid(f) c + sigmoid(i) tanh(g);  h' = sigmoid(o) tanh(c')
+    logits = fc_out(h')
+
+Speed without changing the function:
+- the four gate Linears are one (2860 -> 4x512) matmul, split by column into its word, hidden and
+  context parts; the word part is computed for all steps at once, before the recurrence;
+- the hidden-state part of the gates and h_att(h) are one matmul per step (their weights concatenated);
+- f_att(F) is computed once per image, not once per step;
+- fc_out runs once over all steps after the recurrence.
+
+Every tensor carries a group axis G: G captions (training with several captions per image) or G beams
+(beam search) share one image's features and their projection, which are never copied G times.
+
+Show, Attend and Tell options (off by default = the report's model): h0/c0 from the mean feature,
+dropout before the output layer, the gating scalar beta on the context. The doubly stochastic attention
+penalty is a loss term and lives in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    feature_dim: int = 2048
+    embed_dim: int = 300
+    hidden_dim: int = 512
+    attention_dim: int = 256
+    init_from_features: bool = False  # SAT: h0, c0 = tanh(Linear(mean feature)); report: zeros
+    dropout: float = 0.0  # SAT: dropout on h before the output layer
+    gate: bool = False  # SAT: context scaled by sigmoid(Linear(h)) per feature channel
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DecoderState:
+    """Recurrent state for B images x G sequences each, plus the per-image tensors the steps reuse."""
+
+    h: torch.Tensor  # (B, G, H)
+    c: torch.Tensor  # (B, G, H)
+    features: torch.Tensor  # (B, P, D)
+    projected: torch.Tensor  # (B, P, A) = f_att(features), once per image
+
+    def select(self, image_index: torch.Tensor, group_index: torch.Tensor) -> DecoderState:
+        """Reorder sequences within each image: new h[b, g] = h[b, group_index[b, g]] (beam search)."""
+        idx = group_index.unsqueeze(-1).expand(-1, -1, self.h.shape[-1])
+        return DecoderState(self.h.gather(1, idx), self.c.gather(1, idx), self.features, self.projected)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.f_att = nn.Linear(cfg.feature_dim, cfg.attention_dim)
+        self.h_att = nn.Linear(cfg.hidden_dim, cfg.attention_dim)
+        self.fc = nn.Linear(cfg.attention_dim, 1)
+
+    def weights(self, projected: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """projected (B, P, A), query = h_att(h) (B, G, A) -> alpha (B, G, P)."""
+        scores = self.fc(torch.tanh(projected.unsqueeze(1) + query.unsqueeze(2))).squeeze(-1)  # (B, G, P)
+        return scores.softmax(dim=-1)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.attention = Attention(cfg)
+        # The report's Wi, Wf, Wc, Wo (each Linear(2860 -> 512)) stacked as rows [i; f; c; o].
+        self.gates = nn.Linear(cfg.embed_dim + cfg.hidden_dim + cfg.feature_dim, 4 * cfg.hidden_dim)
+        self.fc_out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.init_from_features:
+            self.init_h = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
+            self.init_c = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
+        if cfg.gate:
+            self.f_beta = nn.Linear(cfg.hidden_dim, cfg.feature_dim)
+
+    # -- the weights, split the way the fast path uses them ------------------------------------------
+    def _split_gates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        e, h = self.cfg.embed_dim, self.cfg.hidden_dim
+        w = self.gates.weight
+        return w[:, :e], w[:, e : e + h], w[:, e + h :]  # word, hidden, context parts
+
+    def _hidden_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One matmul on h gives the gates' hidden part and the attention query (and the SAT gate)."""
+        _, w_h, _ = self._split_gates()
+        parts_w = [w_h, self.attention.h_att.weight]
+        parts_b = [torch.zeros_like(self.gates.bias), self.attention.h_att.bias]
+        if self.cfg.gate:
+            parts_w.append(self.f_beta.weight)
+            parts_b.append(self.f_beta.bias)
+        return torch.cat(parts_w, 0), torch.cat(parts_b, 0)
+
+    # -- step API ---------------------------------------------------------------------------------------
+    def init_state(self, features: torch.Tensor, groups: int = 1) -> DecoderState:
+        """features (B, 7, 7, D) or (B, P, D), any float dtype -> state for `groups` sequences per image."""
+        dtype = self.gates.weight.dtype
+        feats = features.reshape(features.shape[0], -1, features.shape[-1]).to(dtype)  # (B, P, D)
+        b, hdim = feats.shape[0], self.cfg.hidden_dim
+        if self.cfg.init_from_features:
+            mean = feats.mean(dim=1)  # (B, D)
+            h = torch.tanh(self.init_h(mean)).unsqueeze(1).expand(b, groups, hdim).contiguous()
+            c = torch.tanh(self.init_c(mean)).unsqueeze(1).expand(b, groups, hdim).contiguous()
+        else:
+            h = feats.new_zeros(b, groups, hdim)
+            c = feats.new_zeros(b, groups, hdim)
+        return DecoderState(h, c, feats, self.attention.f_att(feats))
+
+    def _cell(
+        self,
+        word_gates: torch.Tensor,
+        state: DecoderState,
+        w_hid: torch.Tensor,
+        b_hid: torch.Tensor,
+        w_ctx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One recurrence step. word_gates (B, G, 4H) already holds W_e emb + b. Returns h, c, alpha."""
+        hdim, adim = self.cfg.hidden_dim, self.cfg.attention_dim
+        hid = F.linear(state.h, w_hid, b_hid)  # (B, G, 4H + A [+ D])
+        hid_gates, query = hid[..., : 4 * hdim], hid[..., 4 * hdim : 4 * hdim + adim]
+        alpha = self.attention.weights(state.projected, query)  # (B, G, P)
+        context = torch.bmm(alpha, state.features)  # (B, G, D)
+        if self.cfg.gate:
+            context = torch.sigmoid(hid[..., 4 * hdim + adim :]) * context
+        gates = word_gates + hid_gates + F.linear(context, w_ctx)  # (B, G, 4H)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c, alpha
+
+    def step(self, state: DecoderState, tokens: torch.Tensor) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
+        """tokens (B, G) -> logits (B, G, V), the next state, attention weights alpha (B, G, P)."""
+        w_e, _, w_ctx = self._split_gates()
+        w_hid, b_hid = self._hidden_weights()
+        word_gates = F.linear(self.embedding(tokens), w_e, self.gates.bias)
+        h, c, alpha = self._cell(word_gates, state, w_hid, b_hid, w_ctx)
+        logits = self.fc_out(self.dropout(h))
+        return logits, DecoderState(h, c, state.features, state.projected), alpha
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced: features (B, 7, 7, D), tokens (B, G, T) inputs -> logits (B, G, T, V),
+        alphas (B, G, T, P). Uses the same cell as `step`."""
+        b, g, t = tokens.shape
+        state = self.init_state(features, groups=g)
+        w_e, _, w_ctx = self._split_gates()
+        w_hid, b_hid = self._hidden_weights()
+        word_gates = F.linear(self.embedding(tokens), w_e, self.gates.bias)  # (B, G, T, 4H), all steps at once
+        hs, alphas = [], []
+        for step in range(t):
+            h, c, alpha = self._cell(word_gates[:, :, step], state, w_hid, b_hid, w_ctx)
+            state = DecoderState(h, c, state.features, state.projected)
+            hs.append(h)
+            alphas.append(alpha)
+        hidden = torch.stack(hs, dim=2)  # (B, G, T, H)
+        return self.fc_out(self.dropout(hidden)), torch.stack(alphas, dim=2)
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Mean cross-entropy over the tokens that are not <pad>."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_id)
+
+
+def attention_penalty(alphas: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Show, Attend and Tell's doubly stochastic regulariser: each cell's attention summed over the
+    real steps should be close to 1. alphas (B, G, T, P), targets (B, G, T)."""
+    mask = (targets != pad_id).unsqueeze(-1).to(alphas.dtype)
+    return ((1.0 - (alphas * mask).sum(dim=2)) ** 2).mean()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
