@@ -130,5 +130,63 @@ def fit(
     _run(run_fit, cfg)
 
 
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Checkpoint to evaluate.")] = Path("cache/model.pt"),
+    store: Annotated[Path, typer.Option(help="Feature store with the split's features and captions.")] = Path(
+        "cache/features.h5"
+    ),
+    split: Annotated[str, typer.Option(help="test or val.")] = "test",
+    beam_size: Annotated[int, typer.Option(min=1, help="Beam width (1: greedy).")] = 3,
+    out: Annotated[Path | None, typer.Option(help="Write metrics and captions to this JSON file.")] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
+    meteor: Annotated[
+        bool | None, typer.Option("--meteor/--no-meteor", help="Require METEOR (needs Java) / skip Java.")
+    ] = None,
+) -> None:
+    """Caption every image of a split once and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (coco-caption)."""
+    from pipeline.evaluate import EvaluateConfig
+    from pipeline.evaluate import evaluate as run_evaluate
+
+    cfg = EvaluateConfig(
+        model=model, store=store, split=split, beam_size=beam_size, out=out, device=device, meteor=meteor
+    )
+    _run(run_evaluate, cfg)
+
+
+@app.command()
+def generate(
+    image: Annotated[list[Path], typer.Option(help="A photo or a folder of photos; repeat for more.")],
+    model: Annotated[Path, typer.Option(help="Checkpoint to caption with.")] = Path("cache/model.pt"),
+    beam_size: Annotated[int, typer.Option(min=1, help="Beam width (1: greedy).")] = 3,
+    attention: Annotated[Path | None, typer.Option(help="Write an attention figure (PNG) per image.")] = None,
+    json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
+) -> None:
+    """Caption photos with a trained model (loads the models once for all images)."""
+    from pipeline.generate import GenerateConfig
+    from pipeline.generate import generate as run_generate
+
+    cfg = GenerateConfig(
+        images=list(image), model=model, beam_size=beam_size, attention=attention, json=json, device=device
+    )
+    _run(run_generate, cfg)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's images, store, model and figure.")] = Path(
+        "cache/demo"
+    ),
+    images: Annotated[int, typer.Option(min=20, help="Generated images.")] = 480,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
+) -> None:
+    """The whole pipeline on a generated sample: CPU, no downloads, a few minutes."""
+    from pipeline.demo import DemoConfig
+    from pipeline.demo import demo as run_demo
+
+    _run(run_demo, DemoConfig(out=out, images=images, epochs=epochs))
+
+
 if __name__ == "__main__":
     app()

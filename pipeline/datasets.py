@@ -275,18 +275,28 @@ def _safe_relative(name: str) -> PurePosixPath | None:
     return p
 
 
+def _inside(folder: Path, images_dir: Path) -> Path | None:
+    """`folder` spelled from the images folder when it lies inside it, else None. Judged on the path as
+    written, or failing that with symlinks resolved; symlinks the user made inside the images folder
+    (to files or folders elsewhere) are followed, since names from the captions file cannot make them."""
+    base = Path(os.path.abspath(images_dir))
+    folder = Path(os.path.abspath(folder))
+    for path, root in ((folder, base), (folder.resolve(), base.resolve())):
+        try:
+            return base / path.relative_to(root)
+        except ValueError:
+            pass
+    return None
+
+
 def _image_roots(images_dir: Path, captions_path: Path) -> list[Path]:
     """Folders where names from the captions file may live: the images folder, the captions file's
     folder, and their sub-folders (Kaggle keeps images in a sibling such as `flickr30k_images/`)."""
     roots: list[Path] = []
     for base in (images_dir, captions_path.parent):
         for cand in [base] + (sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []):
-            cand = cand.resolve()
-            try:
-                cand.relative_to(images_dir.resolve())
-            except ValueError:
-                continue  # only folders inside the images folder
-            if cand not in roots:
+            cand = _inside(cand, images_dir)
+            if cand is not None and cand not in roots:  # only folders inside the images folder
                 roots.append(cand)
     return roots
 
@@ -294,7 +304,7 @@ def _image_roots(images_dir: Path, captions_path: Path) -> list[Path]:
 def _pick_root(images_dir: Path, captions_path: Path, names: Iterable[PurePosixPath]) -> Path:
     names = list(names)
     sample = names[:: max(len(names) // 200, 1)][:200]
-    best, best_hits = images_dir.resolve(), -1
+    best, best_hits = Path(os.path.abspath(images_dir)), -1
     for root in _image_roots(images_dir, captions_path):
         hits = sum((root / n).is_file() for n in sample)
         if hits > best_hits:
@@ -314,15 +324,10 @@ def _resolve(images_dir: Path, path: Path, layout: str, entries: dict[str, _Entr
             continue
         safe[rel] = entry
     root = _pick_root(images_dir, path, safe)
-    base = images_dir.resolve()
+    base = Path(os.path.abspath(images_dir))  # `root` is spelled from it; `rel` has no `..`
     images, captions, splits = [], [], []
     for rel in sorted(safe, key=str):
         full = root / rel
-        try:
-            full.resolve().relative_to(base)  # a symlink may still point outside
-        except (ValueError, OSError):
-            problems["names outside the images folder (rejected)"] += 1
-            continue
         if not full.is_file():
             problems["captioned images missing on disk"] += 1
             continue
@@ -343,7 +348,7 @@ def _count_uncaptioned(root: Path, captioned: set[str], base: Path) -> int:
         with os.scandir(root) as it:
             for e in it:
                 if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES:
-                    rel = (Path(e.path).resolve()).relative_to(base).as_posix()
+                    rel = (root / e.name).relative_to(base).as_posix()
                     count += rel not in captioned
     except OSError:
         pass

@@ -41,6 +41,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _first_line(e: Exception) -> str:
+    """`Type: message` cut to its first line: some torch errors span paragraphs; an `error:` is one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def _trunk_state(state: dict) -> dict:
     """Accept a bare ResNet50 state_dict or one wrapped as {'state_dict': ...} / prefixed 'module.'."""
     if "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -71,7 +77,7 @@ def load_weights(spec: str) -> tuple[dict | None, WeightsInfo]:
                 ResNet50_Weights[spec].get_state_dict(progress=True)
             except Exception as e:  # urllib, ssl, socket, hash-check errors all mean "not available"
                 raise UserError(
-                    f"could not download ResNet50 {spec} weights ({type(e).__name__}: {e}); "
+                    f"could not download ResNet50 {spec} weights ({_first_line(e)}); "
                     "pass --weights FILE with a ResNet50 state_dict, or --weights none"
                 ) from None
             finally:
@@ -86,7 +92,7 @@ def load_weights(spec: str) -> tuple[dict | None, WeightsInfo]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors: the file is not a plain state_dict
-        raise UserError(f"cannot load weights file {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot load weights file {path}: {_first_line(e)}") from None
     if not isinstance(state, dict):
         raise UserError(f"weights file {path} does not hold a state_dict")
     return _trunk_state(state), WeightsInfo("file", _sha256(path), str(path.resolve()))
@@ -101,7 +107,11 @@ def build_encoder(spec: str) -> tuple[nn.Module, WeightsInfo]:
         torch.manual_seed(RANDOM_SEED)
         model = resnet50(weights=None)
     if state is not None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches raise even with strict=False (e.g. a ResNet18 file)
+            first = str(e).strip().splitlines()[-1].strip()
+            raise UserError(f"weights {info.path or info.name} are not a ResNet50 state_dict ({first})") from None
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise UserError(

@@ -43,6 +43,11 @@ class DecoderConfig:
     init_from_features: bool = False  # SAT: h0, c0 = tanh(Linear(mean feature)); report: zeros
     dropout: float = 0.0  # SAT: dropout on h before the output layer
     gate: bool = False  # SAT: context scaled by sigmoid(Linear(h)) per feature channel
+    # Features are multiplied by this before anything else. fit sets it to 1/RMS of the training features:
+    # since attention's context is linear in the features, this is the same function class (the scale folds
+    # into f_att and the context part of the gates) with well-scaled inputs at init. ImageNet features have
+    # RMS near 1; a random-init ResNet50's (--weights none) near 30, which saturates every tanh and sigmoid.
+    feature_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,6 +118,8 @@ class Decoder(nn.Module):
         """features (B, 7, 7, D) or (B, P, D), any float dtype -> state for `groups` sequences per image."""
         dtype = self.gates.weight.dtype
         feats = features.reshape(features.shape[0], -1, features.shape[-1]).to(dtype)  # (B, P, D)
+        if self.cfg.feature_scale != 1.0:
+            feats = feats * self.cfg.feature_scale
         b, hdim = feats.shape[0], self.cfg.hidden_dim
         if self.cfg.init_from_features:
             mean = feats.mean(dim=1)  # (B, D)
@@ -157,6 +164,15 @@ class Decoder(nn.Module):
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced: features (B, 7, 7, D), tokens (B, G, T) inputs -> logits (B, G, T, V),
         alphas (B, G, T, P). Uses the same cell as `step`."""
+        hidden, alphas = self.recurrence(features, tokens)
+        return self.head(hidden), alphas
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., H) -> logits (..., V). Training applies it to the non-<pad> steps only."""
+        return self.fc_out(self.dropout(hidden))
+
+    def recurrence(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced recurrence without the output layer: hidden (B, G, T, H), alphas (B, G, T, P)."""
         b, g, t = tokens.shape
         state = self.init_state(features, groups=g)
         w_e, _, w_ctx = self._split_gates()
@@ -168,8 +184,7 @@ class Decoder(nn.Module):
             state = DecoderState(h, c, state.features, state.projected)
             hs.append(h)
             alphas.append(alpha)
-        hidden = torch.stack(hs, dim=2)  # (B, G, T, H)
-        return self.fc_out(self.dropout(hidden)), torch.stack(alphas, dim=2)
+        return torch.stack(hs, dim=2), torch.stack(alphas, dim=2)  # (B, G, T, H), (B, G, T, P)
 
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:

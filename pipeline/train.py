@@ -16,7 +16,7 @@ from pipeline.console import info, progress, warn
 from pipeline.data import Batches, CaptionIndex
 from pipeline.decode import decode_rows
 from pipeline.errors import UserError
-from pipeline.model import Decoder, DecoderConfig, attention_penalty, count_parameters, masked_loss
+from pipeline.model import Decoder, DecoderConfig, attention_penalty, count_parameters
 from pipeline.runtime import autocast, resolve_device
 from pipeline.store import FeatureStore
 from pipeline.vocab import MAX_LEN, Vocabulary
@@ -48,6 +48,7 @@ class TrainConfig:
     dropout: float = 0.0
     gate: bool = False
     attention_penalty: float = 0.0
+    feature_scale: bool = True  # scale features to RMS 1 (see DecoderConfig.feature_scale)
     # validation decoding (CIDEr-D) for choosing model.pt; 0 images = choose by validation loss
     val_decode_images: int = 1000
     val_beam_size: int = 1
@@ -151,10 +152,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _loss(model: Decoder, batch, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs, targets = batch.tokens[..., :-1], batch.tokens[..., 1:]
-    logits, alphas = model(batch.features, inputs)
-    loss = masked_loss(logits, targets)
+def _loss(
+    model: Decoder, features: torch.Tensor, tokens: torch.Tensor, penalty: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked cross-entropy (and the SAT penalty). The output layer, the largest matmul at a real
+    vocabulary size, runs on the non-<pad> steps only: the same loss as masking (B, G, T, V) logits."""
+    inputs, targets = tokens[..., :-1], tokens[..., 1:]
+    hidden, alphas = model.recurrence(features, inputs)
+    keep = targets != 0
+    loss = torch.nn.functional.cross_entropy(model.head(hidden[keep]).float(), targets[keep])
     total = loss + penalty * attention_penalty(alphas, targets) if penalty > 0 else loss
     return total, loss
 
@@ -166,10 +172,9 @@ def validation_loss(model: Decoder, batches: Batches, device: torch.device, amp:
     total, tokens = 0.0, 0
     for batch in batches.iterate(None, 0):
         with autocast(device, amp):
-            logits, _ = model(batch.features, batch.tokens[..., :-1])
-        targets = batch.tokens[..., 1:]
-        n = int((targets != 0).sum())
-        total += float(masked_loss(logits, targets)) * n
+            _, loss = _loss(model, batch.features, batch.tokens, 0.0)
+        n = int((batch.tokens[..., 1:] != 0).sum())
+        total += float(loss) * n
         tokens += n
     return total / max(tokens, 1)
 
@@ -225,12 +230,15 @@ def fit(cfg: TrainConfig) -> dict:
             "dropout",
             "gate",
             "attention_penalty",
+            "feature_scale",
             "seed",
             "batch_size",
             "lr",
             "grad_clip",
             "lr_step",
             "lr_gamma",
+            "val_decode_images",  # how model.pt is chosen: CIDEr-D and -loss scores must not be compared
+            "val_beam_size",
         ):
             setattr(cfg, key, saved[key])
     else:
@@ -241,10 +249,19 @@ def fit(cfg: TrainConfig) -> dict:
                 "or --out DIR to start a new one elsewhere"
             )
         run = prepare(cfg)
+        metrics_path.unlink(missing_ok=True)  # left by a run killed before its first last.pt: not this run's
     device = run.device
     torch.manual_seed(cfg.seed)
+    if ckpt is not None:
+        scale = float(ckpt["model_config"].get("feature_scale", 1.0))
+    else:
+        scale = _feature_scale(run) if cfg.feature_scale else 1.0
     model_cfg = DecoderConfig(
-        vocab_size=len(run.vocab), init_from_features=cfg.init_from_features, dropout=cfg.dropout, gate=cfg.gate
+        vocab_size=len(run.vocab),
+        init_from_features=cfg.init_from_features,
+        dropout=cfg.dropout,
+        gate=cfg.gate,
+        feature_scale=scale,
     )
     model = Decoder(model_cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -269,7 +286,7 @@ def fit(cfg: TrainConfig) -> dict:
     val = Batches(run.store, run.captions, run.val_rows, max(cfg.batch_size, 128), 5, device)
     if _resident(cfg, train, device):
         train.make_resident()
-    step_fn = torch.compile(model) if cfg.compile else model
+    loss_fn = torch.compile(_loss) if cfg.compile else _loss
     info(
         f"fit: {len(run.train_rows)} train / {len(run.val_rows)} val images, vocabulary {len(run.vocab)}, "
         f"{count_parameters(model) / 1e6:.1f}M parameters, device {device}"
@@ -286,7 +303,7 @@ def fit(cfg: TrainConfig) -> dict:
         with progress(len(train), f"epoch {epoch}/{cfg.epochs}", unit="batch") as advance:
             for batch in train.iterate(epoch, cfg.seed):
                 with autocast(device, cfg.amp):
-                    total, loss = _loss(step_fn, batch, cfg.attention_penalty)
+                    total, loss = loss_fn(model, batch.features, batch.tokens, cfg.attention_penalty)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 if cfg.grad_clip > 0:
@@ -340,6 +357,16 @@ def fit(cfg: TrainConfig) -> dict:
             f" | {run.store.images[sample_row]}: {record['sample']}"
         )
     return record
+
+
+def _feature_scale(run: Run, sample: int = 256) -> float:
+    """1 / RMS of (up to) `sample` training images' features, evenly spaced over the split."""
+    rows = np.sort(
+        run.train_rows[np.linspace(0, len(run.train_rows) - 1, min(sample, len(run.train_rows))).astype(int)]
+    )
+    feats = np.asarray(run.store.features[np.unique(rows)], dtype=np.float32)
+    rms = float(np.sqrt(np.mean(np.square(feats))))
+    return 1.0 / rms if rms > 0 else 1.0
 
 
 def _references(run: Run, rows: np.ndarray) -> list[list[str]]:
