@@ -6,6 +6,7 @@ Run `uv run cli.py --help`, or `uv run cli.py COMMAND --help` for one command.
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Image captioning from a cached ResNet50 feature store.",
 )
+
+
+class Dtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Split(str, Enum):
+    test = "test"
+    val = "val"
 
 
 @app.callback()
@@ -49,7 +60,7 @@ def extract(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per ResNet50 batch.")] = 64,
     workers: Annotated[int | None, typer.Option(min=0, help="Decoding worker processes [default: cores - 1].")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Feature dtype: float16 or float32.")] = "float16",
+    dtype: Annotated[Dtype, typer.Option(help="Feature dtype.")] = Dtype.float16,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made differently.")] = False,
 ) -> None:
     """Run a frozen ResNet50 once over every captioned image and store its 7x7x2048 features.
@@ -67,7 +78,7 @@ def extract(
         batch_size=batch_size,
         workers=workers,
         device=device,
-        dtype=dtype,
+        dtype=dtype.value,
         overwrite=overwrite,
     )
     _run(run_extract, cfg)
@@ -136,7 +147,7 @@ def evaluate(
     store: Annotated[Path, typer.Option(help="Feature store with the split's features and captions.")] = Path(
         "cache/features.h5"
     ),
-    split: Annotated[str, typer.Option(help="test or val.")] = "test",
+    split: Annotated[Split, typer.Option(help="Split to score.")] = Split.test,
     beam_size: Annotated[int, typer.Option(min=1, help="Beam width (1: greedy).")] = 3,
     out: Annotated[Path | None, typer.Option(help="Write metrics and captions to this JSON file.")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
@@ -149,7 +160,7 @@ def evaluate(
     from pipeline.evaluate import evaluate as run_evaluate
 
     cfg = EvaluateConfig(
-        model=model, store=store, split=split, beam_size=beam_size, out=out, device=device, meteor=meteor
+        model=model, store=store, split=split.value, beam_size=beam_size, out=out, device=device, meteor=meteor
     )
     _run(run_evaluate, cfg)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 
 ENCODER_NAME = "torchvision.resnet50 trunk (children[:-2]), output 7x7x2048 channels-last"
 FEATURE_SHAPE = (7, 7, 2048)
@@ -39,12 +39,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _first_line(e: Exception) -> str:
-    """`Type: message` cut to its first line: some torch errors span paragraphs; an `error:` is one line."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _trunk_state(state: dict) -> dict:
@@ -77,7 +71,7 @@ def load_weights(spec: str) -> tuple[dict | None, WeightsInfo]:
                 ResNet50_Weights[spec].get_state_dict(progress=True)
             except Exception as e:  # urllib, ssl, socket, hash-check errors all mean "not available"
                 raise UserError(
-                    f"could not download ResNet50 {spec} weights ({_first_line(e)}); "
+                    f"could not download ResNet50 {spec} weights ({describe(e)}); "
                     "pass --weights FILE with a ResNet50 state_dict, or --weights none"
                 ) from None
             finally:
@@ -92,7 +86,7 @@ def load_weights(spec: str) -> tuple[dict | None, WeightsInfo]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors: the file is not a plain state_dict
-        raise UserError(f"cannot load weights file {path}: {_first_line(e)}") from None
+        raise UserError(f"cannot load weights file {path}: {describe(e)}") from None
     if not isinstance(state, dict):
         raise UserError(f"weights file {path} does not hold a state_dict")
     return _trunk_state(state), WeightsInfo("file", _sha256(path), str(path.resolve()))

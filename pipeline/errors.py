@@ -6,3 +6,9 @@ class UserError(Exception):
 
     The CLI prints it as a single ``error: ...`` line on stderr and exits with status 1.
     """
+
+
+def describe(e: BaseException) -> str:
+    """`Type: message` cut to its first line: some errors span paragraphs, and a warning or `error:` is one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")

@@ -18,7 +18,7 @@ from pipeline import store as st
 from pipeline.console import info, progress, warn
 from pipeline.datasets import CaptionSet, read_captions
 from pipeline.encoder import ENCODER_NAME, build_encoder, encode
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 from pipeline.runtime import autocast, default_workers, resolve_device
 from pipeline.transform import DECODE_ERRORS, TransformConfig, load_uint8, normalize
 
@@ -52,7 +52,7 @@ class ImageFiles(Dataset):
         try:
             return row, load_uint8(self.root / self.names[row], self.transform), True, ""
         except DECODE_ERRORS as e:
-            return row, torch.zeros(3, size, size, dtype=torch.uint8), False, f"{type(e).__name__}: {e}"
+            return row, torch.zeros(3, size, size, dtype=torch.uint8), False, describe(e)
 
 
 def provenance(weights: dict, transform: TransformConfig, dtype: str) -> dict:

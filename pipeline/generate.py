@@ -12,7 +12,7 @@ import torch
 from pipeline.captioner import Captioner
 from pipeline.console import warn
 from pipeline.datasets import IMAGE_SUFFIXES
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 from pipeline.figures import attention_figure
 from pipeline.runtime import resolve_device
 from pipeline.transform import DECODE_ERRORS, open_image, resize_uint8
@@ -77,8 +77,8 @@ def generate(cfg: GenerateConfig) -> list[dict]:
                 opened.append((p, open_image(p, captioner.transform)))
             except (*DECODE_ERRORS, FileNotFoundError) as e:
                 if single:
-                    raise UserError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
-                warn(f"skipped {p}: {type(e).__name__}: {e}")
+                    raise UserError(f"cannot read image {p}: {describe(e)}") from None
+                warn(f"skipped {p}: {describe(e)}")
                 failed.append(p)
         if not opened:
             continue

@@ -56,12 +56,30 @@ def simple_tokenize(text: str) -> str:
     return " ".join(t for t in _SPLIT.findall(text.lower()) if t not in _PUNCTUATION)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the Java tokenizer's progress lines, which it writes straight to file descriptor 2."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _tokenize(gts: dict, res: dict, use_java: bool) -> tuple[dict, dict]:
     if use_java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         tok = PTBTokenizer()
-        return tok.tokenize(gts), tok.tokenize(res)
+        with _quiet_stderr():
+            return tok.tokenize(gts), tok.tokenize(res)
     return (
         {k: [simple_tokenize(c["caption"]) for c in v] for k, v in gts.items()},
         {k: [simple_tokenize(c["caption"]) for c in v] for k, v in res.items()},

@@ -15,7 +15,7 @@ import torch
 from pipeline.console import info, progress, warn
 from pipeline.data import Batches, CaptionIndex
 from pipeline.decode import decode_rows
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 from pipeline.model import Decoder, DecoderConfig, attention_penalty, count_parameters
 from pipeline.runtime import autocast, resolve_device
 from pipeline.store import FeatureStore
@@ -88,7 +88,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, pickle and weights_only errors all mean "not a checkpoint of ours"
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read checkpoint {path}: {describe(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint written by fit")
     return ckpt
@@ -243,7 +243,10 @@ def fit(cfg: TrainConfig) -> dict:
             setattr(cfg, key, saved[key])
     else:
         if last_path.exists():
-            done = torch.load(last_path, map_location="cpu", weights_only=True).get("epoch", "?")
+            try:
+                done = load_checkpoint(last_path).get("epoch", "?")
+            except UserError:
+                done = "an unreadable checkpoint of"
             raise UserError(
                 f"{last_path} holds an earlier run ({done} epochs): pass --resume to continue it, "
                 "or --out DIR to start a new one elsewhere"

@@ -13,7 +13,7 @@ SPECIALS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 MAX_LEN = 20  # tokens per encoded caption, <start> and <end> included (the report's 20)
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:['’][a-z]+)*|[^\sa-z0-9]")
+_TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)*|[^\w\s]|_")
 _NO_SPACE_BEFORE = {".", ",", "!", "?", ";", ":", "'s", ")", "%"}
 
 

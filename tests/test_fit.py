@@ -1,0 +1,446 @@
+"""fit: the batches it reads, training, checkpoints, metrics, resume (also after SIGKILL) and refusals.
+
+Stores are built by tests/helpers_store.py (no ResNet50). Most runs use a narrow decoder (embed 16, hidden 32,
+attention 16; the store's 2048 feature channels unchanged) so that many epochs fit in a CPU test budget:
+what is tested (batches, RNG and optimizer state, checkpoints, files) does not depend on the layer sizes.
+One test trains the report's full-size decoder.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers_store import ROOT, class_captions, make_store
+
+import pipeline.train as train_module
+from pipeline.data import Batches
+from pipeline.encoder import WeightsInfo
+from pipeline.model import DecoderConfig
+from pipeline.train import TrainConfig, fit, load_checkpoint, model_from_checkpoint, prepare
+from pipeline.vocab import END_ID, PAD_ID, START_ID
+
+TINY = {"embed_dim": 16, "hidden_dim": 32, "attention_dim": 16}
+# `python -c TINY_CLI fit ...`: the real command line, with the narrow decoder
+TINY_CLI = (
+    "import functools, pipeline.train as t; from pipeline.model import DecoderConfig; "
+    f"t.DecoderConfig = functools.partial(DecoderConfig, **{TINY!r}); import cli; cli.app()"
+)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """fit builds the narrow decoder in this process."""
+    monkeypatch.setattr(train_module, "DecoderConfig", functools.partial(DecoderConfig, **TINY))
+
+
+def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
+    base = {
+        "store": str(store),
+        "out": str(out),
+        "epochs": 2,
+        "batch_size": 7,
+        "lr": 1e-2,
+        "device": "cpu",
+        "min_word_count": 1,
+        "val_decode_images": 0,
+    }
+    return TrainConfig(**(base | kw))
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def _assert_same(a, b, where: str = "") -> None:
+    """Equal nested checkpoint content: tensors bit for bit."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def _fit_args(store: Path, out: Path, *extra: str, val_decode: int = 0) -> list[str]:
+    return [
+        "fit",
+        "--store",
+        str(store),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "7",
+        "--lr",
+        "0.01",
+        "--min-word-count",
+        "1",
+        "--val-decode-images",
+        str(val_decode),
+        *extra,
+    ]
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def store20(tmp_path_factory):
+    """20 images (14 train / 3 val / 3 test), 5 captions each, classes learnable from the features."""
+    return make_store(tmp_path_factory.mktemp("store") / "features.h5", n_images=20)
+
+
+# -- the batches ---------------------------------------------------------------------------------------
+
+
+def _batches(store, k: int = 1, batch_size: int = 4) -> tuple[Batches, object]:
+    run = prepare(_cfg(store.path, Path("unused")))
+    return Batches(run.store, run.captions, run.train_rows, batch_size, k, CPU), run
+
+
+def _normalised(vocab, text: str) -> str:
+    return vocab.decode(vocab.encode(text))
+
+
+def test_batches_gather_feature_rows_and_their_own_captions(store20):
+    batches, run = _batches(store20, k=2)
+    memmap = run.store.features
+    seen = []
+    for batch in batches.iterate(epoch=1, seed=0):
+        seen.extend(batch.rows.tolist())
+        assert batch.features.dtype == torch.float16
+        np.testing.assert_array_equal(batch.features.numpy(), memmap[batch.rows])
+        np.testing.assert_array_equal(batch.features.numpy(), store20.features[batch.rows])  # what was written
+        assert batch.tokens.dtype == torch.int64 and batch.tokens.shape[:2] == (len(batch.rows), 2)
+        assert (batch.tokens[..., 0] == START_ID).all()
+        assert int((batch.tokens != PAD_ID).sum(-1).max()) == batch.tokens.shape[-1]  # trimmed to the longest
+        for row, caps in zip(batch.rows, batch.tokens, strict=True):
+            own = {_normalised(run.vocab, c) for c in store20.captions[row]}
+            for cap in caps:
+                assert END_ID in cap.tolist()
+                assert run.vocab.decode(cap.tolist()) in own
+    assert sorted(seen) == sorted(run.train_rows.tolist())  # each training image exactly once
+    assert len(seen) == len(set(seen)) == 14
+
+
+def test_batches_pick_distinct_captions_and_all_of_a_short_list(tmp_path):
+    captions = [[f"caption {w} of picture" for w in ("one", "two", "three", "four", "five")]] * 10
+    captions[0] = ["only one of picture", "only two of picture"]  # fewer than K
+    captions[1] = ["single caption picture"]
+    store = make_store(tmp_path / "s.h5", n_images=10, captions=captions, splits=["train"] * 10)
+    batches, run = _batches(store, k=3, batch_size=3)
+    for epoch in (1, 2, 3):
+        for rows, picks in batches.plan(epoch, seed=0):
+            for row, pick in zip(rows, picks, strict=True):
+                texts = [run.vocab.decode(run.captions.ids[p]) for p in pick]
+                own = [_normalised(run.vocab, c) for c in store.captions[row]]
+                assert set(texts) <= set(own)
+                assert len(set(texts)) == min(3, len(own)), (row, texts)
+
+
+def test_batch_plan_depends_on_seed_and_epoch_only(store20):
+    a, _ = _batches(store20, k=2)
+    b, _ = _batches(store20, k=2)
+
+    def flat(plan):
+        return [(r.tolist(), p.tolist()) for r, p in plan]
+
+    assert flat(a.plan(3, seed=5)) == flat(b.plan(3, seed=5))
+    assert flat(a.plan(3, seed=5)) != flat(a.plan(4, seed=5))
+    assert flat(a.plan(3, seed=5)) != flat(a.plan(3, seed=6))
+    fixed = flat(a.plan(None, seed=0))
+    assert fixed == flat(a.plan(None, seed=9))
+    assert [r for rows, _ in fixed for r in rows] == sorted(a.rows.tolist())
+    # batches come out in the planned order with the planned captions
+    for batch, (rows, picks) in zip(a.iterate(3, seed=5), a.plan(3, seed=5), strict=True):
+        np.testing.assert_array_equal(batch.rows, rows)
+        ids = a.captions.ids[picks][..., : batch.tokens.shape[-1]]
+        np.testing.assert_array_equal(batch.tokens.numpy(), ids)
+
+
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
+def test_resident_features_give_the_same_batches_as_the_memory_map(store20):
+    """The GPU path (features copied once, gathered there) exercised on the CPU, in chunks of 3 rows."""
+    mapped, _ = _batches(store20, k=2)
+    resident, _ = _batches(store20, k=2)
+    resident.make_resident(chunk=3)
+    assert resident.resident is not None and resident.resident.shape == (14, 7, 7, 2048)
+    for a, b in zip(mapped.iterate(2, seed=1), resident.iterate(2, seed=1), strict=True):
+        np.testing.assert_array_equal(a.rows, b.rows)
+        assert torch.equal(a.features, b.features) and torch.equal(a.tokens, b.tokens)
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_size_decoder_learns_and_writes_loadable_checkpoints(store20, tmp_path):
+    """The report's decoder (2048/300/512/256) on learnable synthetic data: losses fall epoch after epoch."""
+    out = tmp_path / "out"
+    record = fit(_cfg(store20.path, out, epochs=3, lr=3e-3))
+    metrics = _metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert record["epoch"] == 3 and record["val_loss"] == metrics[-1]["val_loss"]
+    for m in metrics:
+        for key in ("train_loss", "val_loss", "seconds", "samples_per_second"):
+            assert isinstance(m[key], float) and math.isfinite(m[key]) and m[key] > 0, (key, m)
+        assert round(m["samples_per_second"] * m["seconds"]) == 14  # one caption of each training image
+    train = [m["train_loss"] for m in metrics]
+    val = [m["val_loss"] for m in metrics]
+    assert train[-1] < train[0] - 0.2, train
+    assert all(b < a for a, b in zip(val, val[1:], strict=False)), val
+    assert val[-1] < val[0] - 0.2, val
+
+    best, last = _load(out / "model.pt"), _load(out / "last.pt")
+    for ckpt in (best, last):
+        report = {"feature_dim": 2048, "embed_dim": 300, "hidden_dim": 512, "attention_dim": 256}
+        assert {k: ckpt["model_config"][k] for k in report} == report
+        assert ckpt["model_config"]["vocab_size"] == len(ckpt["vocab"])
+        assert not ckpt["model_config"]["init_from_features"] and not ckpt["model_config"]["gate"]
+        assert ckpt["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "yellow" in ckpt["vocab"]
+    train_feats = store20.features[[i for i, sp in enumerate(store20.splits) if sp == "train"]].astype(np.float64)
+    rms = float(np.sqrt(np.mean(np.square(train_feats))))
+    assert last["model_config"]["feature_scale"] == pytest.approx(1 / rms, rel=1e-4)  # inputs scaled to RMS 1
+    assert last["epoch"] == 3 and best["epoch"] == 3  # val loss fell every epoch: the last is the best
+    assert {"optimizer", "scheduler", "rng"} <= last.keys()
+    _assert_same_weights(best["model"], last["model"])
+    model, vocab = model_from_checkpoint(load_checkpoint(out / "model.pt"))
+    assert vocab.to_list() == best["vocab"] and not model.training
+
+
+# The run that resumed runs must reproduce: dropout masks (torch RNG), caption choice (2 of 5 per image),
+# Adam state and the model.pt chosen by validation CIDEr-D all have to carry over a resume.
+RESUMED = {"epochs": 4, "captions_per_image": 2, "dropout": 0.3, "val_decode_images": 2}
+RESUMED_ARGS = ("--dropout", "0.3", "--captions-per-image", "2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(store20, tmp_path_factory) -> Path:
+    """OUT of an uninterrupted `fit --epochs 4` with the RESUMED settings (narrow decoder)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "DecoderConfig", functools.partial(DecoderConfig, **TINY))
+        fit(_cfg(store20.path, out, **RESUMED))
+    return out
+
+
+def _assert_same_run(reference: Path, out: Path) -> None:
+    """`out` ended exactly where the uninterrupted run did: weights, optimizer, RNG, best model, metrics."""
+    full, resumed = _load(reference / "last.pt"), _load(out / "last.pt")
+    assert resumed["epoch"] == full["epoch"] == RESUMED["epochs"]
+    _assert_same_weights(full["model"], resumed["model"])
+    for key in ("optimizer", "scheduler", "best", "rng"):
+        _assert_same(full[key], resumed[key], key)
+    best_full, best_resumed = _load(reference / "model.pt"), _load(out / "model.pt")
+    assert best_full["epoch"] == best_resumed["epoch"] == full["best"]["epoch"]
+    assert full["best"]["metric"] == "val_cider_d"
+    _assert_same_weights(best_full["model"], best_resumed["model"])
+    mf, mr = _metrics(reference), _metrics(out)
+    assert [m["epoch"] for m in mr] == [1, 2, 3, 4]  # no line repeated by a redone epoch
+    for a, b in zip(mf, mr, strict=True):
+        for key in ("train_loss", "val_loss", "val_cider_d", "sample", "lr"):
+            assert a[key] == b[key], (key, a["epoch"])
+
+
+def test_resume_continues_exactly_where_an_uninterrupted_run_ends(store20, uninterrupted, tmp_path, tiny):
+    """fit --epochs 2, then fit --epochs 4 --resume == fit --epochs 4."""
+    out = tmp_path / "split"
+    fit(_cfg(store20.path, out, **(RESUMED | {"epochs": 2})))
+    first = _load(out / "last.pt")
+    assert first["epoch"] == 2
+    # resumed: the saved settings win over these (each would change the result)
+    changed = {"seed": 99, "lr": 0.5, "captions_per_image": 1, "dropout": 0.0, "val_decode_images": 0}
+    fit(_cfg(store20.path, out, epochs=4, resume=True, **changed))
+    assert not torch.equal(first["model"]["gates.weight"], _load(out / "last.pt")["model"]["gates.weight"])
+    _assert_same_run(uninterrupted, out)
+
+
+def test_resume_with_all_epochs_done_changes_nothing(store20, tmp_path, tiny):
+    out = tmp_path / "out"
+    fit(_cfg(store20.path, out, epochs=1))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert fit(_cfg(store20.path, out, epochs=1, resume=True)) == {}
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_fresh_fit_does_not_append_to_stale_metrics(store20, tmp_path, tiny):
+    """An OUT with metrics.jsonl but no last.pt (a run killed before its first checkpoint): a new run
+    starts the file afresh."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 9.0}) + "\n", encoding="utf-8")
+    fit(_cfg(store20.path, out, epochs=2))
+    assert [m["epoch"] for m in _metrics(out)] == [1, 2]
+    assert all(m["train_loss"] != 9.0 for m in _metrics(out))
+
+
+def test_cli_fit_captions_per_image_3(store20, tmp_path, tiny, cli):
+    out = tmp_path / "out"
+    result = cli(*_fit_args(store20.path, out, "--epochs", "2", "--captions-per-image", "3"))
+    assert "epoch 2" in result.stdout
+    metrics = _metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert round(m["samples_per_second"] * m["seconds"]) == 14 * 3  # 3 captions of each training image
+    last = _load(out / "last.pt")
+    assert last["train_config"]["captions_per_image"] == 3 and last["epoch"] == 2
+    best = _load(out / "model.pt")  # chosen by validation loss (no CIDEr-D decoding here)
+    assert best["epoch"] == 1 + int(np.argmin([m["val_loss"] for m in metrics]))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(store20, uninterrupted, tmp_path, tiny, cli):
+    """`python cli.py fit` killed with SIGKILL once epoch 1's last.pt exists, then `fit --resume`."""
+    out, epochs = tmp_path / "killed", str(RESUMED["epochs"])
+    args = [
+        sys.executable,
+        "-c",
+        TINY_CLI,
+        *_fit_args(store20.path, out, "--epochs", epochs, *RESUMED_ARGS, val_decode=2),
+    ]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.pt").exists():
+            assert proc.poll() is None, f"fit ended early: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no last.pt after 120 s"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    done = _load(out / "last.pt")["epoch"]
+    assert 1 <= done < RESUMED["epochs"], "the run finished before it could be killed"
+
+    cli(*_fit_args(store20.path, out, "--epochs", epochs, "--resume"))
+    _assert_same_run(uninterrupted, out)
+
+
+# -- refusals --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(store20, tmp_path_factory):
+    """An OUT folder after `fit --epochs 1` (narrow decoder)."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "DecoderConfig", functools.partial(DecoderConfig, **TINY))
+        fit(_cfg(store20.path, out, epochs=1))
+    return out
+
+
+@pytest.fixture
+def trained_copy(trained, tmp_path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    return out
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_refuses_missing_store(tmp_path, cli):
+    result = cli(*_fit_args(tmp_path / "nope.h5", tmp_path / "out", "--epochs", "1"), code=1)
+    assert "nope.h5" in _error_line(result)
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_refuses_incomplete_store(tmp_path, cli):
+    store = make_store(tmp_path / "s.h5", n_images=8, finish=False)
+    result = cli(*_fit_args(store.path, tmp_path / "out", "--epochs", "1"), code=1)
+    assert "incomplete" in _error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_store_without_train_split(tmp_path, cli):
+    store = make_store(tmp_path / "s.h5", n_images=6, splits=["val", "test"] * 3)
+    result = cli(*_fit_args(store.path, tmp_path / "out", "--epochs", "1"), code=1)
+    assert "train" in _error_line(result)
+
+
+def test_refuses_resume_without_last_pt(store20, tmp_path, cli):
+    result = cli(*_fit_args(store20.path, tmp_path / "out", "--epochs", "2", "--resume"), code=1)
+    assert "last.pt" in _error_line(result)
+
+
+def test_refuses_to_overwrite_an_earlier_run_without_resume(store20, trained_copy, cli):
+    before = _snapshot(trained_copy)
+    result = cli(*_fit_args(store20.path, trained_copy, "--epochs", "2"), code=1)
+    assert "--resume" in _error_line(result)
+    assert _snapshot(trained_copy) == before
+
+
+def test_refuses_resume_on_a_store_with_other_captions(trained_copy, tmp_path, cli):
+    captions = [[*class_captions(i % 4), "a purple hexagon"] for i in range(20)]  # new words in train
+    other = make_store(tmp_path / "other.h5", n_images=20, captions=captions)
+    before = _snapshot(trained_copy)
+    result = cli(*_fit_args(other.path, trained_copy, "--epochs", "2", "--resume"), code=1)
+    assert "vocabulary" in _error_line(result)
+    assert _snapshot(trained_copy) == before
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"weights": WeightsInfo("file", "ab" * 32, "/elsewhere/resnet50.pth")}, {"dtype": "float32"}],
+    ids=["weights", "dtype"],
+)
+def test_refuses_resume_on_a_store_made_differently(trained_copy, tmp_path, cli, kw):
+    other = make_store(tmp_path / "other.h5", n_images=20, **kw)  # same images and captions
+    before = _snapshot(trained_copy)
+    result = cli(*_fit_args(other.path, trained_copy, "--epochs", "2", "--resume"), code=1)
+    line = _error_line(result)
+    assert "made differently" in line and next(iter(kw)) in line
+    assert _snapshot(trained_copy) == before
+
+
+def test_resume_on_an_identical_store_copy_is_accepted(store20, trained_copy, tmp_path, tiny, cli):
+    """The control for the refusals above: same provenance and captions in another file resume fine."""
+    copy = tmp_path / "copy.h5"
+    shutil.copyfile(store20.path, copy)
+    cli(*_fit_args(copy, trained_copy, "--epochs", "2", "--resume"))
+    assert _load(trained_copy / "last.pt")["epoch"] == 2
+
+
+def test_usage_error_exits_2(store20, tmp_path, cli):
+    result = cli(*_fit_args(store20.path, tmp_path / "out", "--epochs", "0"), code=2)
+    assert "error:" not in result.stdout

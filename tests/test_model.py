@@ -1,0 +1,386 @@
+"""The fused attention-LSTM decoder against a plain four-gate implementation, its losses, and decoding."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.decode import Decoded, beam_search, decode_rows, greedy
+from pipeline.model import Decoder, DecoderConfig, attention_penalty, masked_loss
+from pipeline.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+
+V = 30  # a small vocabulary: the layer sizes are the report's (2048/300/512/256)
+P = 49
+
+
+def _model(seed: int = 0, **flags) -> Decoder:
+    torch.manual_seed(seed)
+    return Decoder(DecoderConfig(vocab_size=V, **flags))
+
+
+def _features(b: int, seed: int = 1, dim: int = 2048) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 7, 7, dim, generator=g) * 2.0
+
+
+# Decoding does not depend on the layer sizes: its tests use a narrow decoder on 64-channel features.
+NARROW = {"feature_dim": 64, "embed_dim": 16, "hidden_dim": 32, "attention_dim": 16}
+NARROW_D = NARROW["feature_dim"]
+
+
+def _narrow_model(seed: int) -> Decoder:
+    return _model(seed, **NARROW)
+
+
+def _tokens(b: int, g: int, t: int, seed: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, V, (b, g, t), generator=gen)
+    tokens[..., 0] = START_ID
+    return tokens
+
+
+class FourGateReference(nn.Module):
+    """The report's cell written plainly, one sequence at a time: separate Wi, Wf, Wc, Wo on
+    [emb(w); h_prev; ctx], additive attention recomputing f_att(F) at every step, fc_out after each step."""
+
+    def __init__(self, model: Decoder) -> None:
+        super().__init__()
+        cfg = model.cfg
+        self.cfg = cfg
+        h = cfg.hidden_dim
+        n_in = cfg.embed_dim + cfg.hidden_dim + cfg.feature_dim
+        w, b = model.gates.weight.detach(), model.gates.bias.detach()
+        self.W = {}
+        for k, name in enumerate("ifco"):  # rows [i; f; c; o], the chunk order of Decoder._cell
+            lin = nn.Linear(n_in, h)
+            with torch.no_grad():
+                lin.weight.copy_(w[k * h : (k + 1) * h])
+                lin.bias.copy_(b[k * h : (k + 1) * h])
+            self.W[name] = lin
+        self.model = model  # embedding, attention, fc_out, SAT layers: used as plain modules
+
+    @torch.no_grad()
+    def sequence(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (P, D), tokens (T,) -> logits (T, V), alphas (T, P)."""
+        m, cfg = self.model, self.cfg
+        feats = feats * cfg.feature_scale
+        if cfg.init_from_features:
+            mean = feats.mean(0)
+            h, c = torch.tanh(m.init_h(mean)), torch.tanh(m.init_c(mean))
+        else:
+            h, c = torch.zeros(cfg.hidden_dim), torch.zeros(cfg.hidden_dim)
+        logits, alphas = [], []
+        for w in tokens:
+            scores = m.attention.fc(torch.tanh(m.attention.f_att(feats) + m.attention.h_att(h))).squeeze(-1)
+            alpha = torch.softmax(scores, dim=0)  # (P,)
+            ctx = (alpha[:, None] * feats).sum(0)  # (D,)
+            if cfg.gate:
+                ctx = torch.sigmoid(m.f_beta(h)) * ctx
+            x = torch.cat([m.embedding(w), h, ctx])
+            i = torch.sigmoid(self.W["i"](x))
+            f = torch.sigmoid(self.W["f"](x))
+            g = torch.tanh(self.W["c"](x))
+            o = torch.sigmoid(self.W["o"](x))
+            c = f * c + i * g
+            h = o * torch.tanh(c)
+            logits.append(m.fc_out(h))
+            alphas.append(alpha)
+        return torch.stack(logits), torch.stack(alphas)
+
+
+def test_forward_shapes_and_attention_is_a_distribution():
+    model = _model().eval()
+    logits, alphas = model(_features(3), _tokens(3, 2, 5))
+    assert logits.shape == (3, 2, 5, V)
+    assert alphas.shape == (3, 2, 5, P)
+    assert torch.isfinite(logits).all()
+    assert (alphas >= 0).all()
+    torch.testing.assert_close(alphas.sum(-1), torch.ones(3, 2, 5), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("groups", "flags"),
+    [(1, {}), (2, {}), (2, {"init_from_features": True, "gate": True, "feature_scale": 0.5})],
+    ids=["G1", "G2", "G2-sat"],
+)
+def test_fused_cell_equals_plain_four_gate_reference(groups, flags):
+    model = _model(seed=3, **flags).eval()
+    with torch.no_grad():  # non-zero biases everywhere, so that a misplaced bias shows
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(-0.5, 0.5)
+    b, t = 2, 4
+    feats, tokens = _features(b), _tokens(b, groups, t)
+    with torch.no_grad():
+        logits, alphas = model(feats, tokens)
+    ref = FourGateReference(model)
+    flat = feats.reshape(b, P, 2048)
+    for i in range(b):
+        for g in range(groups):
+            ref_logits, ref_alphas = ref.sequence(flat[i], tokens[i, g])
+            torch.testing.assert_close(logits[i, g], ref_logits, atol=1e-4, rtol=0)
+            torch.testing.assert_close(alphas[i, g], ref_alphas, atol=1e-5, rtol=0)
+
+
+def test_groups_share_the_image_but_not_the_sequence():
+    """Two captions of one image decoded in one group give what each gives alone."""
+    model = _narrow_model(seed=0).eval()
+    feats, tokens = _features(2, dim=NARROW_D), _tokens(2, 2, 5)
+    with torch.no_grad():
+        both, _ = model(feats, tokens)
+        first, _ = model(feats, tokens[:, :1])
+        second, _ = model(feats, tokens[:, 1:])
+    torch.testing.assert_close(both[:, :1], first, atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[:, 1:], second, atol=1e-5, rtol=0)
+    assert not torch.allclose(both[:, 0], both[:, 1])
+
+
+@pytest.mark.parametrize("flags", [{}, {"init_from_features": True, "gate": True}], ids=["report", "sat"])
+def test_step_api_matches_teacher_forced_forward(flags):
+    model = _model(**flags).eval()
+    feats, tokens = _features(2), _tokens(2, 3, 5)
+    with torch.no_grad():
+        logits, alphas = model(feats, tokens)
+        state = model.init_state(feats, groups=3)
+        for t in range(tokens.shape[-1]):
+            step_logits, state, alpha = model.step(state, tokens[:, :, t])
+            torch.testing.assert_close(step_logits, logits[:, :, t], atol=1e-5, rtol=0)
+            torch.testing.assert_close(alpha, alphas[:, :, t], atol=1e-6, rtol=0)
+
+
+def test_state_select_reorders_sequences():
+    model = _narrow_model(seed=0).eval()
+    feats = _features(2, dim=NARROW_D)
+    with torch.no_grad():
+        state = model.init_state(feats, groups=3)
+        _, state, _ = model.step(state, torch.tensor([[5, 6, 7], [8, 9, 10]]))
+        picked = state.select(torch.arange(2), torch.tensor([[2, 2, 0], [1, 0, 1]]))
+    torch.testing.assert_close(picked.h[0], state.h[0][[2, 2, 0]])
+    torch.testing.assert_close(picked.c[1], state.c[1][[1, 0, 1]])
+    assert picked.features is state.features
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [{}, {"init_from_features": True, "dropout": 0.5, "gate": True}],
+    ids=["report", "all-sat-flags"],
+)
+def test_every_parameter_gets_a_finite_nonzero_gradient(flags):
+    model = _model(**flags).train()
+    tokens = _tokens(2, 2, 6)
+    tokens[0, 1, 4:] = PAD_ID  # a shorter caption
+    inputs, targets = tokens[..., :-1], tokens[..., 1:]
+    logits, alphas = model(_features(2), inputs)
+    loss = masked_loss(logits, targets) + attention_penalty(alphas, targets)
+    loss.backward()
+    assert torch.isfinite(loss)
+    names = {n for n, _ in model.named_parameters()}
+    if flags:
+        assert {"init_h.weight", "init_c.weight", "f_beta.weight"} <= names
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_masked_loss_ignores_pad_positions():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 4, V, generator=gen)
+    targets = torch.tensor(
+        [[[5, 6, END_ID, PAD_ID], [7, END_ID, PAD_ID, PAD_ID]], [[8, 9, 10, END_ID], [4, 4, END_ID, PAD_ID]]]
+    )
+    loss = masked_loss(logits, targets)
+    # the mean cross-entropy over the 11 real tokens, computed by hand
+    logp = logits.log_softmax(-1)
+    real = targets != PAD_ID
+    expected = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[real].mean()
+    torch.testing.assert_close(loss, expected)
+    changed = logits.clone()
+    changed[~real] = torch.randn(int((~real).sum()), V, generator=gen) * 10
+    torch.testing.assert_close(masked_loss(changed, targets), loss, atol=0, rtol=0)
+    changed[0, 0, 0, 5] += 5.0  # a real position does change it (its target word gets likelier)
+    assert not torch.isclose(masked_loss(changed, targets), loss)
+
+
+def test_training_loss_is_the_masked_loss_over_all_logits():
+    """fit's loss applies the output layer to the non-<pad> steps only: the same value as masking."""
+    from pipeline.train import _loss
+
+    model = _narrow_model(seed=2).eval()
+    feats, tokens = _features(2, dim=NARROW_D), _tokens(2, 2, 7)
+    tokens[0, 1, 3], tokens[0, 1, 4:] = END_ID, PAD_ID
+    tokens[1, 0, 5], tokens[1, 0, 6:] = END_ID, PAD_ID
+    total, loss = _loss(model, feats, tokens, 0.5)
+    logits, alphas = model(feats, tokens[..., :-1])
+    expected = masked_loss(logits, tokens[..., 1:])
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(total, expected + 0.5 * attention_penalty(alphas, tokens[..., 1:]), atol=1e-6, rtol=0)
+
+
+def test_attention_penalty_zero_when_each_cell_sums_to_one_over_time():
+    targets = torch.tensor([[[5, 6, 7, END_ID, PAD_ID, PAD_ID]]])  # 4 real steps, 2 pads
+    alphas = torch.rand(1, 1, 6, P)  # the pad steps hold anything
+    alphas[..., :4, :] = 0.25  # every cell gets 1/4 at each of the 4 real steps: sums to 1 over time
+    assert float(attention_penalty(alphas, targets)) == pytest.approx(0.0, abs=1e-12)
+    uniform = torch.full((1, 1, 6, P), 1.0 / P)
+    assert float(attention_penalty(uniform, targets)) == pytest.approx((1 - 4 / P) ** 2, rel=1e-5)
+    # a doubly stochastic map over 49 real steps (each step attends to one cell, each cell once)
+    perm = torch.eye(P)[torch.randperm(P)].reshape(1, 1, P, P)
+    assert float(attention_penalty(perm, torch.full((1, 1, P), 5))) == pytest.approx(0.0, abs=1e-12)
+
+
+# -- decoding -----------------------------------------------------------------------------------------
+
+
+def _manual_greedy(model: Decoder, feats: torch.Tensor, max_steps: int) -> list[list[int]]:
+    """Argmax step by step over the words a caption may contain (no <pad>/<start>, <unk> last resort)."""
+    out = []
+    with torch.no_grad():
+        for i in range(feats.shape[0]):
+            state = model.init_state(feats[i : i + 1])
+            token, words = START_ID, []
+            for _ in range(max_steps):
+                logits, state, _ = model.step(state, torch.tensor([[token]]))
+                allowed = logits[0, 0].clone()
+                allowed[[PAD_ID, START_ID, UNK_ID]] = -float("inf")
+                token = int(allowed.argmax())
+                if token == END_ID:
+                    break
+                words.append(token)
+            out.append(words)
+    return out
+
+
+def _sequence_logprob(model: Decoder, feats: torch.Tensor, words: list[int], ended: bool) -> float:
+    """Length-normalised log-probability of `words` (and <end> when it ended), by teacher forcing."""
+    seq = [START_ID, *words] + ([END_ID] if ended else [])
+    with torch.no_grad():
+        logits, _ = model(feats[None], torch.tensor([[seq[:-1]]]))
+    logp = logits[0, 0].log_softmax(-1)
+    total = sum(float(logp[t, seq[t + 1]]) for t in range(len(seq) - 1))
+    return total / (len(seq) - 1)
+
+
+@pytest.fixture(scope="module")
+def end_biased_model() -> Decoder:
+    """A random decoder with large weights (peaked, image-dependent distributions) and <end> made likely
+    enough that captions end after a few words or run to max_steps: beams differ in length."""
+    model = _narrow_model(seed=8).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+        model.fc_out.bias[END_ID] = 1.0
+    return model
+
+
+def test_greedy_is_the_argmax_path_and_beam1_equals_greedy(end_biased_model):
+    feats = _features(4, seed=11, dim=NARROW_D)
+    out = greedy(end_biased_model, feats, max_steps=12)
+    assert [d.tokens for d in out] == _manual_greedy(end_biased_model, feats, 12)
+    beam1 = beam_search(end_biased_model, feats, beam_size=1, max_steps=12)
+    for a, b in zip(out, beam1, strict=True):
+        assert a.tokens == b.tokens and a.score == b.score
+        np.testing.assert_array_equal(a.attention, b.attention)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_decoded_score_is_length_normalised_logprob(end_biased_model, beam_size):
+    feats = _features(4, seed=11, dim=NARROW_D)
+    max_steps = 12
+    out = beam_search(end_biased_model, feats, beam_size=beam_size, max_steps=max_steps)
+    lengths = {len(d.tokens) for d in out}
+    assert len(lengths) > 1 and min(lengths) < max_steps, "the case should mix lengths and ended captions"
+    for i, d in enumerate(out):
+        ended = len(d.tokens) < max_steps
+        assert d.score == pytest.approx(_sequence_logprob(end_biased_model, feats[i], d.tokens, ended), abs=1e-4)
+        assert d.attention.shape == (len(d.tokens), P)
+        np.testing.assert_allclose(d.attention.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_no_special_tokens_and_no_unk_when_another_word_is_possible(beam_size):
+    model = _narrow_model(seed=5).eval()
+    with torch.no_grad():
+        model.fc_out.bias[UNK_ID] = 40.0  # <unk> is by far the most likely word at every step
+        model.fc_out.bias[PAD_ID] = 30.0
+        model.fc_out.bias[START_ID] = 30.0
+        model.fc_out.bias[END_ID] = -5.0  # and captions run to max_steps words
+    out = beam_search(model, _features(3, dim=NARROW_D), beam_size=beam_size, max_steps=8)
+    for d in out:
+        assert len(d.tokens) == 8
+        assert not set(d.tokens) & {PAD_ID, START_ID, END_ID, UNK_ID}
+        assert all(4 <= t < V for t in d.tokens)
+
+
+class _State:
+    def select(self, image_index, group_index):
+        return self
+
+
+class MarkovModel:
+    """A fake decoder whose next-word distribution depends only on the previous word."""
+
+    # ids: 0 pad, 1 start, 2 end, 3 unk, 4 "a", 5 "b", 6 "c", 7 "d"
+    TABLE = {
+        START_ID: {4: 0.5, 5: 0.4, 6: 0.05, 7: 0.05},
+        4: {6: 0.3, 7: 0.28, END_ID: 0.2, 5: 0.22},  # "a" is locally best, but everything after it is weak
+        5: {END_ID: 0.99, 6: 0.01},  # "b <end>" is far better overall
+        6: {END_ID: 0.9, 7: 0.1},
+        7: {END_ID: 0.9, 6: 0.1},
+    }
+    VOCAB = 8
+
+    def __init__(self) -> None:
+        table = torch.full((self.VOCAB, self.VOCAB), 1e-9)
+        for prev, nxt in self.TABLE.items():
+            for word, p in nxt.items():
+                table[prev, word] = p
+        self.logits = table.log()
+
+    def init_state(self, features, groups: int = 1):
+        self.groups = groups
+        return _State()
+
+    def step(self, state, tokens):
+        b, g = tokens.shape
+        return self.logits[tokens], state, torch.full((b, g, P), 1.0 / P)
+
+
+def test_beam_search_finds_a_better_sequence_than_greedy():
+    model, feats = MarkovModel(), torch.zeros(2, 7, 7, 2048)
+    g = greedy(model, feats, max_steps=6)
+    b = beam_search(model, feats, beam_size=3, max_steps=6)
+    for dg, db in zip(g, b, strict=True):
+        assert isinstance(dg, Decoded)
+        assert dg.tokens == [4, 6]  # a c <end>
+        assert dg.score == pytest.approx((math.log(0.5) + math.log(0.3) + math.log(0.9)) / 3, abs=1e-5)
+        assert db.tokens == [5]  # b <end>
+        assert db.score == pytest.approx((math.log(0.4) + math.log(0.99)) / 2, abs=1e-5)
+        assert db.score > dg.score
+        assert db.attention.shape == (1, P)
+    assert model.groups == 3
+
+
+def test_beam_search_without_end_keeps_the_best_unfinished_sequence():
+    model = MarkovModel()
+    model.logits[:, END_ID] = -1e9  # never ends: the best of max_steps words wins
+    out = beam_search(model, torch.zeros(1, 7, 7, 2048), beam_size=3, max_steps=4)[0]
+    assert len(out.tokens) == 4
+    logp = model.logits.log_softmax(-1)
+    seq = [START_ID, *out.tokens]
+    assert out.score == pytest.approx(sum(float(logp[seq[t], seq[t + 1]]) for t in range(4)) / 4, abs=1e-5)
+    assert END_ID not in out.tokens
+
+
+def test_decode_rows_keeps_the_order_of_the_rows(end_biased_model):
+    feats = _features(5, seed=17, dim=NARROW_D).numpy().astype(np.float16)
+    rows = np.array([3, 0, 4, 1])
+    out = decode_rows(end_biased_model, feats, rows, torch.device("cpu"), beam_size=2, max_steps=8, batch_size=3)
+    direct = beam_search(end_biased_model, torch.from_numpy(feats[rows].astype(np.float32)), 2, 8)
+    assert [d.tokens for d in out] == [d.tokens for d in direct]
+    assert [d.score for d in out] == pytest.approx([d.score for d in direct], abs=1e-5)
+    assert len({tuple(d.tokens) for d in out}) > 1, "all images decoded alike: the test cannot see a reordering"
