@@ -106,7 +106,9 @@ def fit(
     val_decode_images: Annotated[
         int, typer.Option(min=0, help="Val images decoded for CIDEr-D (0: choose by loss).")
     ] = 1000,  # noqa: E501
-    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
+    amp: Annotated[
+        bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast [default: on CUDA, off on CPU].")
+    ] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder.")] = False,
 ) -> None:
     """Train the attention-LSTM decoder from the feature store (the ResNet50 is not run again).

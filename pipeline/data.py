@@ -116,6 +116,8 @@ class Batches:
             index = torch.from_numpy(self._position[rows]).to(self.device, non_blocking=True)
             feats = self.resident.index_select(0, index)
         else:
+            if hasattr(self.store, "prefetch"):
+                self.store.prefetch(rows)  # all rows requested from disk at once, not faulted in one by one
             feats = torch.from_numpy(self.store.features[rows])  # one fancy-indexed read of the map
             if self.device.type == "cuda":
                 feats = feats.pin_memory()

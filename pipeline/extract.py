@@ -178,7 +178,9 @@ def _run(
                 x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with autocast(device, dtype=torch.float16):  # fp16 keeps 3 more bits than bf16; stored as fp16
                     feats = encode(trunk, normalize(x, cfg.transform))
-                writer.write(batch_rows[ok], feats.float().cpu().numpy().astype(np_dtype, copy=False), st.WRITTEN)
+                # cast on the device: half the bytes to copy back for float16 stores
+                feats = feats.to(torch.float16 if np_dtype == np.float16 else torch.float32).cpu().numpy()
+                writer.write(batch_rows[ok], feats, st.WRITTEN)
             if (~ok).any():
                 writer.write(batch_rows[~ok], None, st.SKIPPED)
             written += int(ok.sum())

@@ -40,7 +40,7 @@ class TrainConfig:
     grad_clip: float = 5.0  # 0 disables
     lr_step: int = 0  # StepLR step size in epochs; 0 = constant lr (the report's 100 never fires in 50)
     lr_gamma: float = 0.1
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool | None = None  # bf16 autocast; None: on CUDA only (on CPU it is opt-in: not every CPU has bf16)
     compile: bool = False
     resident: str = "auto"  # keep training features on the GPU: auto | yes | no
     # Show, Attend and Tell options (see pipeline/model.py); attention_penalty is its lambda
@@ -152,6 +152,28 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adam; the fused implementation where this torch has it (CPU and CUDA): the same update in one pass
+    over the parameters instead of a dozen (measured: 860 -> 604 ms per CPU batch at 18.5k words)."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def train_step(model: Decoder, optimizer: torch.optim.Optimizer, batch, cfg: TrainConfig, loss_fn=None) -> torch.Tensor:
+    """One optimisation step on a batch; returns the (detached) masked loss. fit and the benchmarks use it."""
+    device = batch.features.device
+    with autocast(device, cfg.amp):
+        total, loss = (loss_fn or _loss)(model, batch.features, batch.tokens, cfg.attention_penalty)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
 def _loss(
     model: Decoder, features: torch.Tensor, tokens: torch.Tensor, penalty: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +188,7 @@ def _loss(
 
 
 @torch.no_grad()
-def validation_loss(model: Decoder, batches: Batches, device: torch.device, amp: bool = True) -> float:
+def validation_loss(model: Decoder, batches: Batches, device: torch.device, amp: bool | None = None) -> float:
     """Mean masked cross-entropy per token over the fixed validation captions."""
     model.eval()
     total, tokens = 0.0, 0
@@ -267,7 +289,7 @@ def fit(cfg: TrainConfig) -> dict:
         feature_scale=scale,
     )
     model = Decoder(model_cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(
         optimizer, step_size=max(cfg.lr_step, 1), gamma=cfg.lr_gamma if cfg.lr_step > 0 else 1.0
     )
@@ -305,14 +327,7 @@ def fit(cfg: TrainConfig) -> dict:
         samples = 0
         with progress(len(train), f"epoch {epoch}/{cfg.epochs}", unit="batch") as advance:
             for batch in train.iterate(epoch, cfg.seed):
-                with autocast(device, cfg.amp):
-                    total, loss = loss_fn(model, batch.features, batch.tokens, cfg.attention_penalty)
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                loss_sum += loss.detach()
+                loss_sum += train_step(model, optimizer, batch, cfg, loss_fn)
                 samples += batch.tokens.shape[0] * batch.tokens.shape[1]
                 advance(1)
         if device.type == "cuda":
