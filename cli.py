@@ -58,7 +58,9 @@ def extract(
         str, typer.Option(help="IMAGENET1K_V1, IMAGENET1K_V2, none (seeded random), or a state_dict file.")
     ] = "IMAGENET1K_V1",  # noqa: E501
     batch_size: Annotated[int, typer.Option(min=1, help="Images per ResNet50 batch.")] = 64,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decoding worker processes [default: cores - 1].")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Decoding processes [default: cores-1, 0 on <=2 cores].")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="Feature dtype.")] = Dtype.float16,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made differently.")] = False,

@@ -48,7 +48,7 @@ def draw_sample(rng: random.Random, size: int) -> tuple[Image.Image, str, str, s
     base = tuple(rng.randint(200, 250) for _ in range(3))
     img = Image.new("RGB", (size, size), base)
     d = ImageDraw.Draw(img)
-    for _ in range(12):  # faint clutter so that the task is not a single pixel lookup
+    for _ in range(6):  # faint clutter so that the task is not a single pixel lookup
         x, y = rng.randrange(size), rng.randrange(size)
         r = rng.randint(2, 6)
         grey = rng.randint(150, 200)
@@ -56,7 +56,7 @@ def draw_sample(rng: random.Random, size: int) -> tuple[Image.Image, str, str, s
     cx, cy = PLACES[place]
     jitter = size * 0.06
     cx, cy = cx * size + rng.uniform(-jitter, jitter), cy * size + rng.uniform(-jitter, jitter)
-    r = size * rng.uniform(0.13, 0.19)
+    r = size * rng.uniform(0.19, 0.24)
     fill = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLOURS[colour])
     if shape == "circle":
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
