@@ -171,8 +171,14 @@ class Decoder(nn.Module):
         """Hidden states (..., H) -> logits (..., V). Training applies it to the non-<pad> steps only."""
         return self.fc_out(self.dropout(hidden))
 
-    def recurrence(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced recurrence without the output layer: hidden (B, G, T, H), alphas (B, G, T, P)."""
+    def recurrence(
+        self, features: torch.Tensor, tokens: torch.Tensor, active: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced recurrence without the output layer: hidden (B, G, T, H), alphas (B, G, T, P).
+
+        `active[t]`, for images sorted by decreasing caption length, is how many images still need step t:
+        only that prefix is computed (views, no copies), as Show, Attend and Tell does. The other images
+        keep their state and their outputs at that step are stale: only for callers that mask them."""
         b, g, t = tokens.shape
         state = self.init_state(features, groups=g)
         w_e, _, w_ctx = self._split_gates()
@@ -180,7 +186,14 @@ class Decoder(nn.Module):
         word_gates = F.linear(self.embedding(tokens), w_e, self.gates.bias)  # (B, G, T, 4H), all steps at once
         hs, alphas = [], []
         for step in range(t):
-            h, c, alpha = self._cell(word_gates[:, :, step], state, w_hid, b_hid, w_ctx)
+            n = b if active is None else active[step]
+            if n >= b:
+                h, c, alpha = self._cell(word_gates[:, :, step], state, w_hid, b_hid, w_ctx)
+            else:
+                sub = DecoderState(state.h[:n], state.c[:n], state.features[:n], state.projected[:n])
+                h_n, c_n, a_n = self._cell(word_gates[:n, :, step], sub, w_hid, b_hid, w_ctx)
+                h, c = torch.cat([h_n, state.h[n:]]), torch.cat([c_n, state.c[n:]])
+                alpha = torch.cat([a_n, a_n.new_zeros(b - n, *a_n.shape[1:])])
             state = DecoderState(h, c, state.features, state.projected)
             hs.append(h)
             alphas.append(alpha)

@@ -178,9 +178,17 @@ def _loss(
     model: Decoder, features: torch.Tensor, tokens: torch.Tensor, penalty: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked cross-entropy (and the SAT penalty). The output layer, the largest matmul at a real
-    vocabulary size, runs on the non-<pad> steps only: the same loss as masking (B, G, T, V) logits."""
+    vocabulary size, runs on the non-<pad> steps only, and the recurrence stops for each image when its
+    captions end: the same loss as masking full (B, G, T, V) logits."""
     inputs, targets = tokens[..., :-1], tokens[..., 1:]
-    hidden, alphas = model.recurrence(features, inputs)
+    # Images by decreasing caption length, so that step t runs only the images that still have words:
+    # the loss is a mean over tokens, so the order does not change it.
+    lengths = (targets != 0).sum(-1).amax(-1)  # (B,) steps each image needs
+    order = torch.argsort(lengths, descending=True, stable=True)
+    features, inputs, targets, lengths = features[order], inputs[order], targets[order], lengths[order]
+    steps = torch.arange(inputs.shape[-1], device=lengths.device)
+    active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()
+    hidden, alphas = model.recurrence(features, inputs, active)
     keep = targets != 0
     loss = torch.nn.functional.cross_entropy(model.head(hidden[keep]).float(), targets[keep])
     total = loss + penalty * attention_penalty(alphas, targets) if penalty > 0 else loss
