@@ -35,6 +35,11 @@ class CaptionIndex:
         start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
         return cls(ids, start, count)
 
+    def texts(self, texts: list[str], owners: np.ndarray, rows: np.ndarray) -> list[list[str]]:
+        """The caption texts of each row (the references that evaluation scores against)."""
+        order = np.argsort(owners, kind="stable")  # the order `build` encoded them in
+        return [[texts[order[j]] for j in range(self.start[r], self.start[r] + self.count[r])] for r in rows]
+
     def pick(self, rows: np.ndarray, k: int, rng: np.random.Generator | None) -> np.ndarray:
         """(len(rows), k) caption indices: k distinct captions per image when it has k, else repeats.
         With rng=None the choice is fixed (the first k, cycling): used for validation."""

@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from rich.table import Table
 
 from pipeline.console import info, out
@@ -16,7 +15,7 @@ from pipeline.decode import decode_rows
 from pipeline.errors import UserError
 from pipeline.metrics import java_available, score
 from pipeline.runtime import resolve_device
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, encoder_diffs
 from pipeline.train import load_checkpoint, model_from_checkpoint, validation_loss
 
 METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
@@ -37,7 +36,7 @@ class EvaluateConfig:
 def check_store_matches(ckpt: dict, store: FeatureStore, model_path: Path) -> None:
     """A model only makes sense on features made the way its training features were."""
     theirs, ours = ckpt["store"], store.identity()
-    diffs = [k for k in ("encoder", "weights", "weights_sha256", "transform", "dtype") if theirs.get(k) != ours.get(k)]
+    diffs = encoder_diffs(theirs, ours)
     if diffs:
         raise UserError(
             f"{store.path} was made with other {', '.join(diffs)} than the store {model_path} was trained on"
@@ -70,8 +69,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     decoded = decode_rows(model, store.features, rows, device, cfg.beam_size, max_steps, cfg.batch_size)
     texts, owners = store.caption_text, store.caption_image
     captions = CaptionIndex.build(vocab, texts, owners, len(store), int(ckpt["train_config"].get("max_len", 20)))
-    order = np.argsort(owners, kind="stable")
-    refs = [[texts[order[j]] for j in range(captions.start[r], captions.start[r] + captions.count[r])] for r in rows]
+    refs = captions.texts(texts, owners, rows)
     hyps = [vocab.decode(d.tokens) for d in decoded]
     metrics = score(hyps, refs, java=use_java)
     tokenizer = metrics.pop("tokenizer")

@@ -103,6 +103,14 @@ def mismatches(attrs: dict, provenance: dict) -> list[str]:
     return out
 
 
+ENCODER_KEYS = ("encoder", "weights", "weights_sha256", "transform", "dtype")
+
+
+def encoder_diffs(a: dict, b: dict) -> list[str]:
+    """Which encoder provenance keys differ: features made differently are not interchangeable."""
+    return [k for k in ENCODER_KEYS if a.get(k) != b.get(k)]
+
+
 class Writer:
     """Rows written in large contiguous slices; status flushed after the features it vouches for."""
 

@@ -18,7 +18,7 @@ from pipeline.decode import decode_rows
 from pipeline.errors import UserError, describe
 from pipeline.model import Decoder, DecoderConfig, attention_penalty, count_parameters
 from pipeline.runtime import autocast, resolve_device
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, encoder_diffs
 from pipeline.vocab import MAX_LEN, Vocabulary
 
 CHECKPOINT_FORMAT = 1
@@ -212,7 +212,7 @@ def validation_loss(model: Decoder, batches: Batches, device: torch.device, amp:
 def _check_resume(ckpt: dict, run: Run, path: Path) -> None:
     ident = run.store.identity()
     theirs = ckpt.get("store", {})
-    diffs = [k for k in ("encoder", "weights", "weights_sha256", "transform", "dtype") if theirs.get(k) != ident.get(k)]
+    diffs = encoder_diffs(theirs, ident)
     if diffs:
         raise UserError(
             f"{path} was trained on a store made differently ({', '.join(diffs)} differ from {run.cfg.store})"
@@ -357,7 +357,7 @@ def fit(cfg: TrainConfig) -> dict:
 
             model.eval()
             decoded = decode_rows(model, run.store.features, val_decode, device, cfg.val_beam_size)
-            refs = _references(run, val_decode)
+            refs = run.captions.texts(run.store.caption_text, run.store.caption_image, val_decode)
             record["val_cider_d"] = cider_d([run.vocab.decode(d.tokens) for d in decoded], refs)
             score_name, score = "val_cider_d", record["val_cider_d"]
         model.eval()
@@ -393,13 +393,6 @@ def _feature_scale(run: Run, sample: int = 256) -> float:
     feats = np.asarray(run.store.features[np.unique(rows)], dtype=np.float32)
     rms = float(np.sqrt(np.mean(np.square(feats))))
     return 1.0 / rms if rms > 0 else 1.0
-
-
-def _references(run: Run, rows: np.ndarray) -> list[list[str]]:
-    texts = run.store.caption_text
-    c = run.captions
-    order = np.argsort(run.store.caption_image, kind="stable")
-    return [[texts[order[j]] for j in range(c.start[r], c.start[r] + c.count[r])] for r in rows]
 
 
 def _checkpoint(model: Decoder, run: Run, cfg: TrainConfig, epoch: int, best: dict, record: dict) -> dict:
