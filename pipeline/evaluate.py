@@ -73,7 +73,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     hyps = [vocab.decode(d.tokens) for d in decoded]
     metrics = score(hyps, refs, java=use_java)
     tokenizer = metrics.pop("tokenizer")
-    loss = validation_loss(model, Batches(store, captions, rows, cfg.batch_size, 5, device), device)
+    loss = validation_loss(model, Batches(store, captions, rows, 64, 5, device), device)
     names = store.images
     result = {
         "metrics": metrics,

@@ -316,7 +316,9 @@ def fit(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     train = Batches(run.store, run.captions, run.train_rows, cfg.batch_size, cfg.captions_per_image, device)
-    val = Batches(run.store, run.captions, run.val_rows, max(cfg.batch_size, 128), 5, device)
+    val = Batches(
+        run.store, run.captions, run.val_rows, max(cfg.batch_size, 64), 5, device
+    )  # 64 x 5 captions: ~300 MB of logits at 18k words
     if _resident(cfg, train, device):
         train.make_resident()
     loss_fn = torch.compile(_loss) if cfg.compile else _loss
