@@ -384,3 +384,39 @@ def test_decode_rows_keeps_the_order_of_the_rows(end_biased_model):
     assert [d.tokens for d in out] == [d.tokens for d in direct]
     assert [d.score for d in out] == pytest.approx([d.score for d in direct], abs=1e-5)
     assert len({tuple(d.tokens) for d in out}) > 1, "all images decoded alike: the test cannot see a reordering"
+
+
+def test_training_loss_and_gradients_unchanged_when_whole_images_end_early():
+    """Images whose captions all end early drop out of the later steps (sorted prefix): the loss, the
+    attention penalty and every gradient equal those of the full, masked computation."""
+    from pipeline.train import _loss
+
+    model = _narrow_model(seed=5).eval()
+    feats, tokens = _features(4, dim=NARROW_D), _tokens(4, 2, 9)
+    ends = {0: (3, 5), 1: (8, 8), 2: (2, 2), 3: (6, 4)}  # per image, per caption: where <end> goes
+    for b, per_caption in ends.items():
+        for g, e in enumerate(per_caption):
+            tokens[b, g, e], tokens[b, g, e + 1 :] = END_ID, PAD_ID
+    total, _ = _loss(model, feats, tokens, 0.5)
+    total.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, alphas = model(feats, tokens[..., :-1])
+    expected = masked_loss(logits, tokens[..., 1:]) + 0.5 * attention_penalty(alphas, tokens[..., 1:])
+    expected.backward()
+    torch.testing.assert_close(total, expected, atol=1e-6, rtol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_train_step_with_amp_on_cpu_updates_the_model():
+    """`fit --amp` on a CPU: bf16 autocast, a finite loss, and the weights move."""
+    from pipeline.data import Batch
+    from pipeline.train import TrainConfig, make_optimizer, train_step
+
+    model = _narrow_model(seed=6)
+    before = model.gates.weight.detach().clone()
+    batch = Batch(_features(3, dim=NARROW_D).half(), _tokens(3, 1, 6), np.arange(3))
+    loss = train_step(model, make_optimizer(model, 1e-3), batch, TrainConfig(amp=True))
+    assert torch.isfinite(loss) and loss > 0
+    assert not torch.equal(before, model.gates.weight)
