@@ -68,7 +68,8 @@ class Run:
     train_rows: np.ndarray
     val_rows: np.ndarray
     device: torch.device
-    history: list[dict] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # every caption, read from the store once
+    owners: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -129,14 +130,19 @@ def prepare(cfg: TrainConfig, vocab_words: list[str] | None = None) -> Run:
     store = _open_store(cfg)
     texts, owners = store.caption_text, store.caption_image
     train_rows, val_rows = store.split_rows("train"), store.split_rows("val")
-    is_train = np.zeros(len(store), dtype=bool)
-    is_train[train_rows] = True
     if vocab_words is None:
-        vocab = Vocabulary.build((t for t, o in zip(texts, owners, strict=True) if is_train[o]), cfg.min_word_count)
+        vocab = train_vocabulary(texts, owners, train_rows, cfg.min_word_count)
     else:
         vocab = Vocabulary.from_list(vocab_words)
     captions = CaptionIndex.build(vocab, texts, owners, len(store), cfg.max_len)
-    return Run(cfg, store, vocab, captions, train_rows, val_rows, device)
+    return Run(cfg, store, vocab, captions, train_rows, val_rows, device, texts, owners)
+
+
+def train_vocabulary(texts: list[str], owners: np.ndarray, train_rows: np.ndarray, min_count: int) -> Vocabulary:
+    """The vocabulary of the captions of the training images only."""
+    is_train = np.zeros(int(max(owners.max(initial=-1), train_rows.max(initial=-1))) + 1, dtype=bool)
+    is_train[train_rows] = True
+    return Vocabulary.build((t for t, o in zip(texts, owners, strict=True) if is_train[o]), min_count)
 
 
 def _rng_state() -> dict:
@@ -217,16 +223,9 @@ def _check_resume(ckpt: dict, run: Run, path: Path) -> None:
         raise UserError(
             f"{path} was trained on a store made differently ({', '.join(diffs)} differ from {run.cfg.store})"
         )
-    rebuilt = prepare_vocab_only(run, ckpt["train_config"]["min_word_count"])
-    if rebuilt != ckpt["vocab"]:
+    rebuilt = train_vocabulary(run.texts, run.owners, run.train_rows, ckpt["train_config"]["min_word_count"])
+    if rebuilt.to_list() != ckpt["vocab"]:
         raise UserError(f"{path} has a vocabulary that does not match the captions of {run.cfg.store}")
-
-
-def prepare_vocab_only(run: Run, min_count: int) -> list[str]:
-    texts, owners = run.store.caption_text, run.store.caption_image
-    is_train = np.zeros(len(run.store), dtype=bool)
-    is_train[run.train_rows] = True
-    return Vocabulary.build((t for t, o in zip(texts, owners, strict=True) if is_train[o]), min_count).to_list()
 
 
 def _resident(cfg: TrainConfig, batches: Batches, device: torch.device) -> bool:
@@ -328,7 +327,9 @@ def fit(cfg: TrainConfig) -> dict:
         + (", features resident on the GPU" if train.resident is not None else "")
     )
     val_decode = run.val_rows[: cfg.val_decode_images] if cfg.val_decode_images > 0 else run.val_rows[:0]
+    val_refs = run.captions.texts(run.texts, run.owners, val_decode)  # read once, not every epoch
     sample_row = int(run.val_rows[0]) if len(run.val_rows) else int(run.train_rows[0])
+    sample_name = run.store.images[sample_row]
     record: dict = {}
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         model.train()
@@ -359,8 +360,7 @@ def fit(cfg: TrainConfig) -> dict:
 
             model.eval()
             decoded = decode_rows(model, run.store.features, val_decode, device, cfg.val_beam_size)
-            refs = run.captions.texts(run.store.caption_text, run.store.caption_image, val_decode)
-            record["val_cider_d"] = cider_d([run.vocab.decode(d.tokens) for d in decoded], refs)
+            record["val_cider_d"] = cider_d([run.vocab.decode(d.tokens) for d in decoded], val_refs)
             score_name, score = "val_cider_d", record["val_cider_d"]
         model.eval()
         sample = decode_rows(model, run.store.features, np.array([sample_row]), device, beam_size=1)[0]
@@ -382,7 +382,7 @@ def fit(cfg: TrainConfig) -> dict:
         info(
             f"epoch {epoch}: train loss {record['train_loss']:.3f} val loss {record['val_loss']:.3f}{cider} "
             f"{seconds:.1f}s {record['samples_per_second']:,.0f} samples/s{' *best*' if is_best else ''}"
-            f" | {run.store.images[sample_row]}: {record['sample']}"
+            f" | {sample_name}: {record['sample']}"
         )
     return record
 
