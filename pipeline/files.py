@@ -1,0 +1,152 @@
+"""Writing files without losing any: atomic replacement, one-writer locks, stale temp files, up-front checks.
+
+Every file the tool writes goes through `atomic_write`: a hidden temp file in the same folder, fsync, then
+`os.replace`. An interrupt or a write error (disk full, EFBIG) removes the temp file and leaves the old
+file as it was; a `kill -9` can leave one behind, named `.NAME.tmp-PID`, which `remove_stale_temps`
+deletes on the next run once PID is no longer alive.
+
+`exclusive` is an advisory lock (`fcntl.flock`, so the kernel releases it when the process dies, however it
+dies: a lock is never stale) on a hidden `.NAME.lock` file next to what it protects. The holder's pid is
+written in it for the message the second command gets. Written by hand rather than with `filelock`
+because that library does not record the holder, and the message must name it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from pipeline.errors import UserError, describe
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are then not protected against a second writer
+    fcntl = None  # type: ignore[assignment]
+
+
+def temp_path(path: Path) -> Path:
+    """The hidden temp file that `atomic_write` builds `path` in (pid-tagged, same folder, same filesystem)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete `.NAME.tmp-PID` files next to `path` whose process is gone (left by a kill -9). Returns them."""
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp-(\d+)$")
+    folder = path.parent
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = pattern.match(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """`with atomic_write(p) as f: f.write(...)`: the file at `p` is replaced only once everything was written
+    and synced. On any exception, Ctrl-C included, the temp file is removed and `p` is untouched. An OSError
+    while writing becomes a UserError `cannot write PATH: ...`."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {describe(e)}") from None
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file that guards `path` (a file or a folder)."""
+    return path / ".lock" if path.is_dir() else path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, what: str | None = None) -> Iterator[None]:
+    """Hold the one-writer lock on `path` (a store file, or a run folder) for the duration of the block.
+    A second holder gets `UserError: WHAT is in use by another process (pid N)` at once, never a wait.
+    The lock file is removed on the way out; one left by a killed process is not locked and is reused."""
+    path = Path(path)
+    if fcntl is None:
+        yield
+        return
+    lock = lock_path(path)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write {lock.parent}: {describe(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = os.pread(fd, 32, 0).decode().strip()
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                pid = f" (pid {holder})" if holder.isdigit() else ""
+                raise UserError(f"{what or path} is in use by another process{pid}; wait for it to finish") from None
+            raise UserError(f"cannot lock {lock}: {describe(e)}") from None
+        # The previous holder may have unlinked the file between our open and our flock: lock the live one.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # while still locked: whoever opens it next creates a fresh one
+        os.close(fd)
+
+
+def check_writable_folder(folder: str | Path, what: str) -> Path:
+    """Create `folder` (and parents) if needed and prove a file can be written in it, before any work starts.
+    A path that is a file, or a folder without write permission, is a UserError naming `what`."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write in {what} {folder}: {describe(e)}") from None
+    return folder
