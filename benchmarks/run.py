@@ -23,6 +23,7 @@ import torch
 
 from benchmarks import bench_extract, bench_fit, bench_generate, bench_scaling, bench_store
 from benchmarks.common import ROOT, BenchmarkError, Context, Table, require_data
+from pipeline.files import write_text_atomic
 
 SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "fit": bench_fit.run,
@@ -121,9 +122,7 @@ def save(out: Path, key: str, entry: dict) -> None:
             data = {"runs": {}}
     data["runs"][key] = _clean(entry)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(data, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

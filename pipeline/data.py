@@ -11,34 +11,43 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from pipeline.store import FeatureStore
 from pipeline.vocab import Vocabulary
+
+# Validation loss batches: 64 images x 5 captions keep the logits near 300 MB at an 18k-word vocabulary.
+VALIDATION_BATCH_IMAGES = 64
+VALIDATION_CAPTIONS = 5
 
 
 @dataclass
 class CaptionIndex:
-    """Encoded captions grouped by image row (CSR): captions of row r are ids[start[r]:start[r]+count[r]]."""
+    """Encoded captions grouped by image row (CSR): captions of row r are ids[start[r]:start[r]+count[r]],
+    and texts[start[r]:start[r]+count[r]] are the same captions as written."""
 
-    ids: np.ndarray  # (M, L) int32, sorted by owner row
+    ids: np.ndarray  # (M, L) int32, sorted by image row
     start: np.ndarray  # (N,) int64
     count: np.ndarray  # (N,) int64
+    texts: list[str]  # (M,) the captions as written, in the order of `ids`
 
     @classmethod
-    def build(cls, vocab: Vocabulary, texts: list[str], owners: np.ndarray, n_rows: int, max_len: int) -> CaptionIndex:
-        order = np.argsort(owners, kind="stable")
-        ids, _ = vocab.encode_batch([texts[i] for i in order], max_len)
-        count = np.bincount(owners, minlength=n_rows).astype(np.int64)
+    def build(
+        cls, vocab: Vocabulary, texts: list[str], caption_rows: np.ndarray, n_rows: int, max_len: int
+    ) -> CaptionIndex:
+        """`texts[i]` describes store row `caption_rows[i]` (the store's captions/text and captions/image)."""
+        order = np.argsort(caption_rows, kind="stable")
+        ordered = [texts[i] for i in order]
+        ids, _ = vocab.encode_batch(ordered, max_len)
+        count = np.bincount(caption_rows, minlength=n_rows).astype(np.int64)
         start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-        return cls(ids, start, count)
+        return cls(ids, start, count, ordered)
 
-    def texts(self, texts: list[str], owners: np.ndarray, rows: np.ndarray) -> list[list[str]]:
-        """The caption texts of each row (the references that evaluation scores against)."""
-        order = np.argsort(owners, kind="stable")  # the order `build` encoded them in
-        return [[texts[order[j]] for j in range(self.start[r], self.start[r] + self.count[r])] for r in rows]
+    def references(self, rows: np.ndarray) -> list[list[str]]:
+        """The caption texts of each row: what evaluation scores a generated caption against."""
+        return [self.texts[self.start[r] : self.start[r] + self.count[r]] for r in rows]
 
     def pick(self, rows: np.ndarray, k: int, rng: np.random.Generator | None) -> np.ndarray:
         """(len(rows), k) caption indices: k distinct captions per image when it has k, else repeats.
@@ -63,13 +72,24 @@ class Batch:
     rows: np.ndarray  # (B,) store rows
 
 
+class FeatureRows(Protocol):
+    """What `Batches` reads features from: a FeatureStore, or a stand-in holding the same rows in RAM."""
+
+    @property
+    def features(self) -> np.ndarray: ...  # (N, 7, 7, D), a memory map or an array
+
+    def __len__(self) -> int: ...
+
+    def prefetch(self, rows: np.ndarray) -> None: ...  # a hint that these rows are read next
+
+
 class Batches:
     """Iterates training or validation batches; features from the memory map, or from a copy resident
     on the device when one was made (`make_resident`)."""
 
     def __init__(
         self,
-        store: FeatureStore,
+        store: FeatureRows,
         captions: CaptionIndex,
         rows: np.ndarray,
         batch_size: int,
@@ -77,7 +97,7 @@ class Batches:
         device: torch.device,
     ) -> None:
         self.store, self.captions, self.rows = store, captions, np.asarray(rows)
-        self.batch_size, self.k, self.device = batch_size, captions_per_image, device
+        self.batch_size, self.captions_per_image, self.device = batch_size, captions_per_image, device
         self.resident: torch.Tensor | None = None  # features of self.rows, in self.rows order
         self._position: np.ndarray | None = None  # store row -> index into resident
 
@@ -105,7 +125,7 @@ class Batches:
         else:
             rng = np.random.default_rng([seed, epoch])
             rows = self.rows[rng.permutation(len(self.rows))]
-        picks = self.captions.pick(rows, self.k, rng)
+        picks = self.captions.pick(rows, self.captions_per_image, rng)
         out = []
         for i in range(0, len(rows), self.batch_size):
             r, p = rows[i : i + self.batch_size], picks[i : i + self.batch_size]
@@ -121,8 +141,7 @@ class Batches:
             index = torch.from_numpy(self._position[rows]).to(self.device, non_blocking=True)
             feats = self.resident.index_select(0, index)
         else:
-            if hasattr(self.store, "prefetch"):
-                self.store.prefetch(rows)  # all rows requested from disk at once, not faulted in one by one
+            self.store.prefetch(rows)  # all rows requested from disk at once, not faulted in one by one
             feats = torch.from_numpy(self.store.features[rows])  # one fancy-indexed read of the map
             if self.device.type == "cuda":
                 feats = feats.pin_memory()
@@ -135,6 +154,26 @@ class Batches:
                 yield self._load(rows, picks)
             return
         yield from _background((self._load(r, p) for r, p in plan), prefetch)
+
+
+def validation_batches(
+    store: FeatureRows,
+    captions: CaptionIndex,
+    rows: np.ndarray,
+    device: torch.device,
+    batch_size: int = VALIDATION_BATCH_IMAGES,
+) -> Batches:
+    """The fixed validation captions of `rows` (the first VALIDATION_CAPTIONS of each image, in row order)
+    for `loss.validation_loss`, in batches of at least VALIDATION_BATCH_IMAGES images."""
+    return Batches(store, captions, rows, max(batch_size, VALIDATION_BATCH_IMAGES), VALIDATION_CAPTIONS, device)
+
+
+def feature_scale(features: np.ndarray, rows: np.ndarray, sample: int = 256) -> float:
+    """1 / RMS of (up to) `sample` rows' features, evenly spaced over `rows`: what fit sets
+    DecoderConfig.feature_scale to, from the training rows."""
+    pick = np.unique(rows[np.linspace(0, len(rows) - 1, min(sample, len(rows))).astype(int)])
+    rms = float(np.sqrt(np.mean(np.square(np.asarray(features[pick], dtype=np.float32)))))
+    return 1.0 / rms if rms > 0 else 1.0
 
 
 def _background(items: Iterator, depth: int) -> Iterator:

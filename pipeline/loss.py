@@ -1,0 +1,63 @@
+"""The training loss (masked cross-entropy, Show, Attend and Tell's attention penalty) and the validation loss.
+
+The model holds no loss (as in timm): fit trains with `caption_loss`, and fit and evaluate report
+`validation_loss`. `masked_loss` is the plain definition that `caption_loss` is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.data import Batches
+from pipeline.model import Decoder
+from pipeline.runtime import autocast
+
+
+def caption_loss(
+    model: Decoder, features: torch.Tensor, tokens: torch.Tensor, penalty: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to optimise, masked cross-entropy) for features (B, 7, 7, D) and tokens (B, G, T+1).
+
+    The output layer, the largest matmul at a real vocabulary size, runs on the non-<pad> steps only, and
+    the recurrence stops for each image when its captions end: the same loss as masking full (B, G, T, V)
+    logits (`masked_loss`)."""
+    inputs, targets = tokens[..., :-1], tokens[..., 1:]
+    # Images by decreasing caption length, so that step t runs only the images that still have words:
+    # the loss is a mean over tokens, so the order does not change it.
+    lengths = (targets != 0).sum(-1).amax(-1)  # (B,) steps each image needs
+    order = torch.argsort(lengths, descending=True, stable=True)
+    features, inputs, targets, lengths = features[order], inputs[order], targets[order], lengths[order]
+    steps = torch.arange(inputs.shape[-1], device=lengths.device)
+    active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()
+    hidden, alphas = model.recurrence(features, inputs, active)  # (B, G, T, H), (B, G, T, P)
+    keep = targets != 0
+    loss = F.cross_entropy(model.head(hidden[keep]).float(), targets[keep])
+    total = loss + penalty * attention_penalty(alphas, targets) if penalty > 0 else loss
+    return total, loss
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Mean cross-entropy over the tokens that are not <pad>."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_id)
+
+
+def attention_penalty(alphas: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Show, Attend and Tell's doubly stochastic regulariser: each cell's attention summed over the
+    real steps should be close to 1. alphas (B, G, T, P), targets (B, G, T)."""
+    mask = (targets != pad_id).unsqueeze(-1).to(alphas.dtype)
+    return ((1.0 - (alphas * mask).sum(dim=2)) ** 2).mean()
+
+
+@torch.no_grad()
+def validation_loss(model: Decoder, batches: Batches, amp: bool | None = None) -> float:
+    """Mean masked cross-entropy per token over the fixed validation captions (`data.validation_batches`)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in batches.iterate(None, 0):
+        with autocast(batch.features.device, amp):
+            _, loss = caption_loss(model, batch.features, batch.tokens)
+        n = int((batch.tokens[..., 1:] != 0).sum())
+        total += float(loss) * n
+        tokens += n
+    return total / max(tokens, 1)
