@@ -1,4 +1,5 @@
-"""`extract`: run the frozen ResNet50 once over every captioned image and fill the feature store."""
+"""`extract`: run the frozen ResNet50 once over every captioned image and fill the feature store (its layer4
+output, or with `layer="layer3"` the layer3 output that fit can fine-tune layer4 from)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline import store as st
 from pipeline.console import info, progress, warn
 from pipeline.datasets import CaptionSet, read_captions
-from pipeline.encoder import ENCODER_NAME, build_encoder, encode
+from pipeline.encoder import ENCODER_NAMES, build_encoder, encode
 from pipeline.errors import UserError, describe
 from pipeline.runtime import autocast, default_workers, resolve_device
 from pipeline.transform import DECODE_ERRORS, TransformConfig, load_uint8, normalize
@@ -34,6 +35,7 @@ class ExtractConfig:
     device: str = "auto"
     dtype: str = "float16"
     overwrite: bool = False
+    layer: str = "layer4"  # the ResNet50 stage stored: layer4 (7x7x2048) or layer3 (14x14x1024)
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -55,10 +57,11 @@ class ImageFiles(Dataset):
             return row, torch.zeros(3, size, size, dtype=torch.uint8), False, describe(e)
 
 
-def provenance(weights: dict, transform: TransformConfig, dtype: str) -> dict:
+def provenance(weights: dict, transform: TransformConfig, dtype: str, layer: str = "layer4") -> dict:
     return {
         "format_version": st.FORMAT_VERSION,
-        "encoder": ENCODER_NAME,
+        "encoder": ENCODER_NAMES[layer],
+        "layer": layer,
         **weights,
         "transform": json.dumps(transform.to_dict(), sort_keys=True),
         "dtype": dtype,
@@ -108,6 +111,8 @@ def extract(cfg: ExtractConfig) -> dict:
     start = time.perf_counter()
     if cfg.dtype not in st.DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(st.DTYPES)}, not {cfg.dtype!r}")
+    if cfg.layer not in ENCODER_NAMES:
+        raise UserError(f"--layer must be one of {', '.join(ENCODER_NAMES)}, not {cfg.layer!r}")
     if cfg.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     device = resolve_device(cfg.device)
@@ -119,8 +124,8 @@ def extract(cfg: ExtractConfig) -> dict:
     if not captions.images:
         raise UserError(f"none of the captioned images were found under {cfg.images}")
 
-    trunk, weights = build_encoder(cfg.weights)
-    prov = provenance(weights.to_dict(), cfg.transform, cfg.dtype)
+    trunk, weights = build_encoder(cfg.weights, cfg.layer)
+    prov = provenance(weights.to_dict(), cfg.transform, cfg.dtype, cfg.layer)
     summary = {"store": str(cfg.store), "images": len(captions), "captions": sum(map(len, captions.captions))}
     if _prepare_store(cfg, captions, prov):
         return summary | {"written_now": 0, "skipped_now": 0, "seconds": time.perf_counter() - start}
