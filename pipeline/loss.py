@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import Batches
-from pipeline.model import Decoder
+from pipeline.model import CaptionModel, Decoder
 from pipeline.runtime import autocast
 
 
 def caption_loss(
-    model: Decoder, features: torch.Tensor, tokens: torch.Tensor, penalty: float = 0.0
+    model: Decoder | CaptionModel, features: torch.Tensor, tokens: torch.Tensor, penalty: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to optimise, masked cross-entropy) for features (B, 7, 7, D) and tokens (B, G, T+1).
+    """(loss to optimise, masked cross-entropy) for features (B, h, w, C) as `model` takes them (a Decoder:
+    (B, 7, 7, D); a CaptionModel: as stored) and tokens (B, G, T+1). One call of the model's forward.
 
     The output layer, the largest matmul at a real vocabulary size, runs on the non-<pad> steps only, and
     the recurrence stops for each image when its captions end: the same loss as masking full (B, G, T, V)
@@ -30,9 +31,9 @@ def caption_loss(
     features, inputs, targets, lengths = features[order], inputs[order], targets[order], lengths[order]
     steps = torch.arange(inputs.shape[-1], device=lengths.device)
     active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()
-    hidden, alphas = model.recurrence(features, inputs, active)  # (B, G, T, H), (B, G, T, P)
     keep = targets != 0
-    loss = F.cross_entropy(model.head(hidden[keep]).float(), targets[keep])
+    logits, alphas = model(features, inputs, active, keep)  # (K, V) for the K non-<pad> steps, (B, G, T, P)
+    loss = F.cross_entropy(logits.float(), targets[keep])
     total = loss + penalty * attention_penalty(alphas, targets) if penalty > 0 else loss
     return total, loss
 
@@ -50,7 +51,7 @@ def attention_penalty(alphas: torch.Tensor, targets: torch.Tensor, pad_id: int =
 
 
 @torch.no_grad()
-def validation_loss(model: Decoder, batches: Batches, amp: bool | None = None) -> float:
+def validation_loss(model: Decoder | CaptionModel, batches: Batches, amp: bool | None = None) -> float:
     """Mean masked cross-entropy per token over the fixed validation captions (`data.validation_batches`)."""
     model.eval()
     total, tokens = 0.0, 0
