@@ -49,6 +49,10 @@ class TrainConfig:
     # validation decoding (CIDEr-D) for choosing model.pt; 0 images = choose by validation loss
     val_decode_images: int = 1000
     val_beam_size: int = 1
+    # ResNet50's layer4 trained with the decoder, from a layer3 store (None: the encoder stays frozen)
+    finetune: str | None = None  # None | "layer4"
+    encoder_lr: float = 1e-4  # Adam's rate for layer4 (`lr` is the decoder's)
+    finetune_after: int = 0  # epochs of the decoder alone (layer4 frozen) before layer4 trains too
 
     def to_dict(self) -> dict:
         return asdict(self)
