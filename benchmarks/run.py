@@ -21,7 +21,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_extract, bench_fit, bench_generate, bench_scaling, bench_store
+from benchmarks import (
+    bench_epoch,
+    bench_extract,
+    bench_finetune,
+    bench_fit,
+    bench_generate,
+    bench_quality,
+    bench_scaling,
+    bench_store,
+)
 from benchmarks.common import ROOT, BenchmarkError, Context, Table, require_data
 from pipeline.files import write_text_atomic
 
@@ -31,7 +40,11 @@ SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "scaling": bench_scaling.run,
     "generate": bench_generate.run,
     "store": bench_store.run,
+    "finetune": bench_finetune.run,
+    "quality": bench_quality.run,
+    "epoch": bench_epoch.run,
 }
+OPT_IN = ("quality", "epoch")  # long (the demo trained twice; Flickr30k-scale epochs): run only when named
 
 
 def cpu_model() -> str:
@@ -128,7 +141,10 @@ def save(out: Path, key: str, entry: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: the whole suite in a minute or two")
-    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), metavar="NAME", help=f"{', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(SECTIONS), metavar="NAME",
+        help=f"{', '.join(SECTIONS)} ({', '.join(OPT_IN)}: only when named)",
+    )  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json", help="JSON results file")
     args = parser.parse_args(argv)
@@ -141,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     device = torch.device(args.device)
-    names = args.only or list(SECTIONS)
+    names = args.only or [name for name in SECTIONS if name not in OPT_IN]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     info = machine(device)
     print(machine_table(info, started, args.quick), flush=True)

@@ -94,3 +94,7 @@ class DemoConfig:
     size: int = 224
     seed: int = 0
     weights: str | None = None  # None: ImageNet V1 when cached, else none
+    # fine-tune layer4 from a layer3 store (fit --finetune layer4), or train on frozen layer4 features
+    finetune: bool = False
+    encoder_lr: float = 1e-4
+    finetune_after: int = 0

@@ -261,3 +261,26 @@ def test_frozen_models_read_either_store(pictures, tmp_path, cli):
         f.attrs["weights_sha256"] = "ab" * 32
     result = cli("evaluate", "--model", pictures["model"], "--store", other, "--no-meteor", code=1)
     assert "made differently" in _error_line(result)
+
+
+# -- the demo's attention measure -------------------------------------------------------------------------------
+
+
+def test_object_mask_and_attention_on_the_object():
+    import random
+
+    from pipeline.demo import attention_on_object, draw_object_sample, draw_sample, object_mask
+
+    img, attrs = draw_object_sample(random.Random(4), 70)
+    assert (img.tobytes(), attrs["colour"], attrs["shape"], attrs["place"]) == (
+        (lambda s: (s[0].tobytes(), *s[1:]))(draw_sample(random.Random(4), 70))
+    )  # the same picture as before the geometry was recorded
+    mask = object_mask(attrs, 70)
+    assert mask.shape == (49,) and 0.03 < mask.mean() < 0.25 and mask.max() > 0.9
+    on = mask / mask.sum()  # all attention on the object, in proportion to its cover
+    even = np.full(49, 1 / 49)
+    words = [attrs["colour"], attrs["shape"], "on", "the", attrs["place"]]
+    result = attention_on_object([(words, np.stack([on, even, even, even, even]), mask)])
+    assert result["colour_steps"] == result["shape_steps"] == 1
+    assert result["shape_ratio"] == pytest.approx(1.0)  # spread evenly: the object's share, 1x
+    assert result["colour_mass"] == pytest.approx(float(on @ mask)) and result["colour_ratio"] > 3
