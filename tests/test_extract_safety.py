@@ -655,3 +655,22 @@ def test_a_damaged_image_file_never_stops_the_decoding(data):
         row, pixels, status, reason = ImageFiles(Path(folder), ["x"], np.array([0]), TransformConfig())[0]
     assert row == 0 and pixels.shape == (3, 224, 224) and status in (WRITTEN, SKIPPED)
     assert (status == WRITTEN) == (reason == "")
+
+
+def test_a_decompression_bomb_is_skipped_for_good(tmp_path):
+    """A PNG that declares 40,000 x 40,000 pixels (Pillow refuses past 2 x 89.5 M): refused from its header."""
+    import struct
+    import zlib
+
+    from pipeline.extract import ImageFiles
+    from pipeline.transform import TransformConfig
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 40_000, 40_000, 1, 0, 0, 0, 0)
+    (tmp_path / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
+    _, _, status, reason = ImageFiles(tmp_path, ["bomb.png"], np.array([0]), TransformConfig())[0]
+    assert status == SKIPPED and reason.startswith("DecompressionBombError")
