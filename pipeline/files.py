@@ -89,7 +89,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def lock_path(path: Path) -> Path:
-    """The lock file that guards `path` (a file or a folder)."""
+    """The lock file that guards `path` (a file or a folder). Chosen by what `path` is now: lock a folder only
+    once it exists (`check_writable_folder` creates it). A folder created inside the lock would be guarded
+    by `.NAME.lock` for the first holder and by `NAME/.lock` for the next one: two writers."""
     return path / ".lock" if path.is_dir() else path.with_name(f".{path.name}.lock")
 
 
