@@ -165,7 +165,7 @@ async def read_form(request: Request, max_file_bytes: int) -> dict[str, bytes]:
         raise too_large
 
     fields: dict[str, bytearray] = {}
-    part = {"name": b"", "header": b"", "value": b"", "headers": {}}
+    part = {"header": b"", "value": b"", "headers": {}}  # the part whose headers are being read
     current: list[bytearray] = []
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
@@ -364,7 +364,7 @@ def create_app(captioner: Captioner, cfg: ServeConfig, model_name: str = "model.
         return serve_file
 
     for route in PAGE_FILES:
-        app.get(route, include_in_schema=False)(page(route))
+        app.api_route(route, methods=["GET", "HEAD"], include_in_schema=False)(page(route))
 
     @app.get("/api/health")
     async def health() -> dict:

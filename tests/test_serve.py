@@ -120,6 +120,7 @@ def test_health_model_and_the_page_files(client, captioner):
     assert model["decoder"] == TINY and model["max_words"] == 19
     assert "/" not in str(model), "no filesystem path of the server is shown"
 
+    assert client.head("/").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in page.headers["content-security-policy"]
