@@ -364,14 +364,25 @@ def test_page_in_a_real_browser(server, photos, jpeg, tmp_path):
                 expect(page.locator('#words .word.active[data-index="1"]')).to_have_count(1, timeout=10_000)
                 page.click("#play")  # stop
 
-            page.set_viewport_size({"width": 390, "height": 844})
-            assert page.evaluate("document.documentElement.scrollWidth") <= 390, "the page scrolls sideways on a phone"
-            page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
-
             page.set_input_files("#file", str(tmp_path / "truncated.jpg"))
             expect(page.locator("#error")).to_contain_text("damaged or truncated")
             page.set_input_files("#file", str(tmp_path / "notes.txt"))
             expect(page.locator("#error")).to_contain_text("not an image")
+
+            # a phone: no hover, a tap shows a word's attention and a second tap hides it; no sideways scrolling
+            phone = browser.new_page(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+            phone.on("pageerror", lambda e: errors.append(str(e)))
+            phone.goto(server)
+            phone.set_input_files("#file", str(photos[2]))
+            word = phone.locator("#words .word").first
+            expect(word).to_be_visible(timeout=30_000)
+            word.tap()
+            expect(phone.locator("#overlay.on")).to_have_count(1)
+            expect(word).to_have_class("word active pinned")
+            phone.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+            word.tap()
+            expect(phone.locator("#overlay.on")).to_have_count(0)
+            assert phone.evaluate("document.documentElement.scrollWidth") <= 390, "the page scrolls sideways"
             assert not errors, errors
         finally:
             browser.close()
