@@ -236,7 +236,7 @@
       }
       const b = document.createElement("button");
       b.type = "button";
-      b.className = "word";
+      b.className = NO_SPACE_BEFORE.has(word) && i > 0 ? "word punct" : "word";
       b.textContent = word;
       b.dataset.index = String(i);
       token.append(b);
