@@ -277,7 +277,9 @@ def _figure_overlay(alpha: list[float], colors: list[list[int]]) -> np.ndarray:
     return np.asarray(colors)[np.asarray(heat)]
 
 
-def _chromium() -> str:
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium (never a browser that Playwright downloads), or skip."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
@@ -310,8 +312,7 @@ def server(captioner):
         sock.close()
 
 
-def test_page_in_a_real_browser(server, photos, jpeg, tmp_path):
-    chromium = _chromium()
+def test_page_in_a_real_browser(chromium, server, photos, jpeg, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     (tmp_path / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
