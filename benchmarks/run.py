@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_extract, bench_fit, bench_generate, bench_scaling, bench_store
+from benchmarks import bench_extract, bench_fit, bench_generate, bench_scaling, bench_serve, bench_store
 from benchmarks.common import ROOT, BenchmarkError, Context, Table, require_data
 
 SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
@@ -30,6 +30,7 @@ SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "scaling": bench_scaling.run,
     "generate": bench_generate.run,
     "store": bench_store.run,
+    "serve": bench_serve.run,
 }
 
 

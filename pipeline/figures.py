@@ -8,6 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# How attention is drawn over the photo, here and on the `serve` page (which gets the colours from the server).
+COLORMAP = "jet"
+OVERLAY_ALPHA = 0.5
+
 
 def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, path: Path, size: int = 224) -> Path:
     """Write a PNG with 1 + len(words) panels; alphas (len(words), 49). Uses matplotlib's Agg backend."""
@@ -35,10 +39,19 @@ def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, p
             )
         )
         ax.imshow(photo)
-        ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=255)
+        ax.imshow(heat, cmap=COLORMAP, alpha=OVERLAY_ALPHA, vmin=0, vmax=255)
         ax.set_title(word, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def colormap_table(n: int = 256) -> list[list[int]]:
+    """COLORMAP as n RGB triples (0-255). With n = 256, entry i is the colour attention_figure gives a heat
+    value of i (its heat maps are uint8, drawn with vmin 0 and vmax 255)."""
+    import matplotlib
+
+    rgba = matplotlib.colormaps[COLORMAP].resampled(n)(np.arange(n))
+    return (np.asarray(rgba)[:, :3] * 255).round().astype(int).tolist()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -60,15 +61,18 @@ class TransformConfig:
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
-def open_image(path: str | Path, config: TransformConfig = TransformConfig()) -> Image.Image:
-    """Open an image as RGB, EXIF-rotated. Raises one of DECODE_ERRORS on a bad file."""
+def open_image(
+    path: str | Path | BinaryIO, config: TransformConfig = TransformConfig(), formats: tuple[str, ...] | None = None
+) -> Image.Image:
+    """Open an image (a path, or a binary file object such as io.BytesIO) as RGB, EXIF-rotated. `formats`
+    limits the decoders Pillow may try (e.g. ("JPEG", "PNG", "WEBP")). Raises one of DECODE_ERRORS on a bad file."""
     with warnings.catch_warnings():
         # Pillow warns before its DecompressionBombError threshold (the error itself stays an error), when
         # a palette image's transparency is dropped (what the transform does), and about damaged metadata
         # ("Corrupt EXIF data", "Tag data larger than file"). Python would print each as two lines of
         # source location in the middle of extract's output; a file that cannot be used raises instead.
         warnings.simplefilter("ignore")
-        with Image.open(path) as img:
+        with Image.open(path, formats=formats) as img:
             img.load()
             if config.exif_transpose:
                 img = ImageOps.exif_transpose(img)
