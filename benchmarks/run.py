@@ -29,6 +29,7 @@ from benchmarks import (
     bench_generate,
     bench_quality,
     bench_scaling,
+    bench_serve,
     bench_store,
 )
 from benchmarks.common import ROOT, BenchmarkError, Context, Table, require_data
@@ -40,6 +41,7 @@ SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "scaling": bench_scaling.run,
     "generate": bench_generate.run,
     "store": bench_store.run,
+    "serve": bench_serve.run,
     "finetune": bench_finetune.run,
     "quality": bench_quality.run,
     "epoch": bench_epoch.run,

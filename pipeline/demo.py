@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.config import DemoConfig
 from pipeline.console import caption_line, info, print_scores
-from pipeline.encoder import NAMED_WEIGHTS, _imagenet_file
+from pipeline.encoder import NAMED_WEIGHTS, imagenet_weights_file
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -160,7 +160,7 @@ def pick_weights(requested: str | None) -> str:
     if requested is not None:
         return requested
     for name in NAMED_WEIGHTS[:1]:
-        if _imagenet_file(name).is_file():
+        if imagenet_weights_file(name).is_file():
             info(f"demo: using cached ImageNet weights {name}")
             return name
     info("demo: ImageNet weights are not cached, so the encoder is a seeded random ResNet50 (--weights none)")

@@ -183,12 +183,13 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("--encoder-lr must be positive")
     if cfg.finetune_after < 0:
         raise UserError("--finetune-after must be at least 0")
+
+
+def check_finetune(cfg: TrainConfig, store: FeatureStore) -> None:
+    """--finetune layer4 trains layer4 from its input: a layer3 store. (Checked on the run's config: a resumed
+    run's is last.pt's.)"""
     if cfg.finetune_after > 0 and cfg.finetune is None:
         raise UserError("--finetune-after needs --finetune layer4 (without it nothing is fine-tuned)")
-
-
-def check_store_layer(cfg: TrainConfig, store: FeatureStore) -> None:
-    """--finetune layer4 trains layer4 from its input: a layer3 store."""
     if cfg.finetune == "layer4" and store.layer != "layer3":
         raise UserError(
             f"--finetune layer4 needs a layer3 store, and {store.path} holds {store.layer} features (the output "
@@ -367,7 +368,7 @@ def fit(cfg: TrainConfig) -> dict:
     if ckpt is not None:
         cfg = resume_config(cfg, ckpt["train_config"])
     data = prepare(cfg)
-    check_store_layer(cfg, data.store)
+    check_finetune(cfg, data.store)
     device = resolve_device(cfg.device)
     if ckpt is None:
         state = start(cfg, data, device)
