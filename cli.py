@@ -49,7 +49,8 @@ def _call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not e.quiet:  # quiet: another process of the same torchrun job printed it
+            print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
