@@ -341,8 +341,11 @@ class OurTraining:
             self.batches.make_resident()
         torch.manual_seed(seed)
         cfg = DecoderConfig(vocab_size=len(vocab), feature_scale=feature_scale(store.features, rows))
+        from pipeline.loss import CaptionTraining
+
         self.model = Decoder(cfg).to(device)
         self.model.train()
+        self.module = CaptionTraining(self.model)
         self.optimizer = make_optimizer(self.model, 1e-3)
         self.cfg = TrainConfig(amp=amp)
         self.device, self.seed = device, seed
@@ -359,7 +362,7 @@ class OurTraining:
         from pipeline.train import train_step
 
         batch = next(self._batches)
-        self.loss_sum += train_step(self.model, self.optimizer, batch, self.cfg)
+        self.loss_sum += train_step(self.module, self.optimizer, batch, self.cfg)
         return batch.tokens.shape[0] * batch.tokens.shape[1]
 
     def close(self) -> None:
