@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline import distributed
 from pipeline import store as st
 from pipeline.console import info, progress, warn
 from pipeline.datasets import CaptionSet, read_captions
@@ -105,6 +106,10 @@ def _prepare_store(cfg: ExtractConfig, captions: CaptionSet, prov: dict) -> bool
 
 def extract(cfg: ExtractConfig) -> dict:
     """Fill the store for every captioned, decodable image; resumable. Returns the run's summary."""
+    if distributed.launched_world() > 1:  # under torchrun the processes share the images
+        from pipeline import distributed_extract
+
+        return distributed_extract.extract(cfg)
     start = time.perf_counter()
     if cfg.dtype not in st.DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(st.DTYPES)}, not {cfg.dtype!r}")
