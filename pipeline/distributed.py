@@ -176,6 +176,8 @@ class Dist:
         counts = [torch.zeros_like(count) for _ in range(self.world)]
         tdist.all_gather(counts, count)
         sizes = [int(c) for c in counts]
+        if max(sizes) == 0:
+            return rows
         padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=torch.int64)
         padded[: len(rows)] = torch.from_numpy(rows)
         padded = padded.to(self.device)

@@ -7,7 +7,7 @@ PLAN.json: {"commands": [{"name": ..., "args": [cli args], "before": {"copy": [S
 makes the process group itself (gloo): `pipeline.distributed.session` then uses it and leaves it in place,
 as for a user's script that calls fit. Each command runs through the CLI (`cli.py ARGS`, parsed by Typer,
 errors printed by the CLI's boundary) with its stdout and stderr captured. Rank 0 writes RESULT.json: per
-command, every rank's exit code, stdout and stderr; and what the collectives gave (`collectives`).
+command, every rank's exit code, stdout, stderr and extract's status rounds; and what the collectives gave.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.distributed as tdist  # noqa: E402
 import typer  # noqa: E402
 
 from cli import app  # noqa: E402
+from pipeline import distributed_extract  # noqa: E402
 from pipeline.distributed import AgreedError, Dist, launched  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
@@ -63,6 +64,16 @@ def main() -> None:
     assert launch is not None and launch.world > 1, "run me under torchrun"
     tdist.init_process_group("gloo")
     dist = Dist(launch.rank, launch.world, launch.local_rank, launch.local_world)
+    # status rounds of 2 rows: with batches of 2, several rounds, and shares that end at different rounds
+    distributed_extract.ROUND_ROWS.update(cpu=2, cuda=2)
+    rounds = {"n": 0}
+    original = distributed_extract.ShareWriter._round
+
+    def counted(self) -> None:
+        rounds["n"] += 1
+        original(self)
+
+    distributed_extract.ShareWriter._round = counted  # type: ignore[method-assign]
     command = typer.main.get_command(app)
     results: dict = {"collectives": collectives(dist), "commands": {}}
     for step in plan["commands"]:
@@ -71,10 +82,12 @@ def main() -> None:
             shutil.copytree(src, dst)
         dist.barrier()
         out, err = io.StringIO(), io.StringIO()
+        rounds["n"] = 0
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = command.main(step["args"], prog_name="cli.py", standalone_mode=False)
         gathered: list = [None] * dist.world
-        tdist.all_gather_object(gathered, {"code": code or 0, "stdout": out.getvalue(), "stderr": err.getvalue()})
+        result = {"code": code or 0, "stdout": out.getvalue(), "stderr": err.getvalue(), "rounds": rounds["n"]}
+        tdist.all_gather_object(gathered, result)
         results["commands"][step["name"]] = gathered
     if dist.is_main:
         result_path.write_text(json.dumps(results), encoding="utf-8")

@@ -381,6 +381,9 @@ def test_two_process_extract_equals_one_process_extract(scenarios, extracted1):
     results, d = scenarios
     _ok(results, "extract_fresh")
     _assert_same_store(extracted1, d["fresh.h5"])
+    # rounds of 2 rows (set by the scenario script): rank 0 writes 4 rows, rank 1 writes 3 and waits in one
+    # more round for rank 0's last: both took part in 2
+    assert [r["rounds"] for r in results["commands"]["extract_fresh"]] == [2, 2]
     warnings = [r["stderr"].count("warning: skipped 1003_img.jpg") for r in results["commands"]["extract_fresh"]]
     assert sorted(warnings) == [0, 1]  # by the rank whose share holds it, once
     assert not list(d["fresh.h5"].parent.glob(".fresh.h5*"))  # no lock or temp file left
