@@ -9,19 +9,22 @@ How the work is shared:
   shape, dtype) and the rows still to extract.
 - The rows to extract are cut into one contiguous share per rank (`Dist.part`): a deterministic split of
   the same list, so a resumed run shares what is left of it.
-- Each rank writes its features straight into the one preallocated, contiguous `features` dataset, through a
-  writable memory map at the dataset's offset: disjoint row ranges, so disjoint bytes, and no lock.
-- Statuses are rank 0's to write. Every `round_rows` rows, every rank flushes (msync) the features it wrote,
-  then the (row, status) pairs of that round are gathered (padded tensors) to rank 0, which writes them into
-  `status` and flushes the file. A status never vouches for features that are not on disk, and a killed run
-  resumes row by row, as a single process does.
+- Each rank writes its features straight into the one preallocated, contiguous `features` dataset, at the
+  dataset's byte offset in the file (`os.pwrite`): disjoint row ranges, so disjoint bytes, and no lock.
+  Byte-range writes rather than a writable memory map: the dataset's offset is not page-aligned, so two
+  neighbouring rows share a page, and on a network filesystem a node writing back a whole mapped page can
+  overwrite the bytes another node wrote into the other half of it; a byte-range write never touches bytes
+  outside its rows. It also works where shared writable maps do not (FUSE mounts).
+- Statuses are rank 0's to write. Every `round_rows` rows, every rank syncs (fdatasync) the features it
+  wrote, then the (row, status) pairs of that round are gathered (padded tensors) to rank 0, which writes
+  them into `status` and flushes the file. A status never vouches for features that are not on disk, and a
+  killed run resumes row by row, as a single process does.
 
 Why not part files that rank 0 merges: the merge is a second full copy of the features (25 GB for COCO,
 more for Conceptual Captions) written after the ranks finish, with twice the disk space needed meanwhile,
 and a run killed during it resumes nothing. Here the store is filled in place, once, and stays one
 memory-mappable dataset. The limit: every rank must see the same file, so on several machines the store
-must be on a shared filesystem that supports shared writable memory maps (NFS, Lustre, GPFS do). A copy per
-node works for fit, not for extract.
+must be on a shared filesystem (NFS, Lustre, GPFS...). A copy per node works for fit, not for extract.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ from pipeline.extract import ExtractConfig, _prepare_store, _run, provenance
 from pipeline.files import exclusive
 
 # Rows per rank between two status rounds: at most that much work is redone after a kill. Each round costs an
-# msync of the rows' features (~200 KB an image in float16) and a small gather: on a GPU at ~1,000 images/s
-# per rank, about one round a second; on a CPU (~10 images/s a rank) one every ~15 s.
+# fdatasync of the rows' features (~200 KB an image in float16) and a small gather: on a GPU at ~1,000
+# images/s per rank, about one round a second; on a CPU (~10 images/s a rank) one every ~15 s.
 ROUND_ROWS = {"cuda": 1024, "cpu": 128}
 
 
@@ -149,14 +152,15 @@ def _per_rank(cfg: ExtractConfig, dist: Dist) -> ExtractConfig:
 
 
 class ShareWriter:
-    """The writer `extract._run` fills (`write(rows, features, status)`), for one rank: features into the
-    memory map, statuses through rank 0 in rounds (see the module's docstring). Every rank takes part in the
-    same number of rounds, the number the largest share needs, so that the collectives pair up."""
+    """The writer `extract._run` fills (`write(rows, features, status)`), for one rank: features written in
+    place at their bytes, statuses through rank 0 in rounds (see the module's docstring). Every rank takes
+    part in the same number of rounds, the number the largest share needs, so that the collectives pair up."""
 
     def __init__(self, dist: Dist, path: os.PathLike, layout: Layout, largest_share: int, round_rows: int) -> None:
-        self.dist, self.path, self.round_rows = dist, path, round_rows
+        self.dist, self.path, self.round_rows, self.layout = dist, path, round_rows, layout
         self.rounds = -(-largest_share // round_rows)
-        self.features = np.memmap(path, mode="r+", dtype=layout.dtype, offset=layout.offset, shape=layout.shape)
+        self.row_bytes = int(np.prod(layout.shape[1:])) * np.dtype(layout.dtype).itemsize
+        self.fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))  # never O_TRUNC: rank 0's store
         self.file = h5py.File(path, "r+") if dist.is_main else None  # statuses and attributes: rank 0's
         self.done = 0  # rounds done
         self.rows = 0  # rows handed to write()
@@ -165,16 +169,28 @@ class ShareWriter:
     def write(self, rows: np.ndarray, features: np.ndarray | None, status: int) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         if features is not None and len(rows):
+            if features.shape[1:] != self.layout.shape[1:] or features.dtype != np.dtype(self.layout.dtype):
+                raise ValueError(f"features {features.dtype}{features.shape} do not fit the store's rows")
             breaks = np.flatnonzero(np.diff(rows) != 1) + 1
             for run, feats in zip(np.split(rows, breaks), np.split(features, breaks), strict=True):
-                self.features[run[0] : run[-1] + 1] = feats
+                self._pwrite(np.ascontiguousarray(feats), self.layout.offset + int(run[0]) * self.row_bytes)
         self.unmarked.append(np.stack([rows, np.full_like(rows, status)], axis=1))
         self.rows += len(rows)
         while self.done < self.rounds and self.rows >= (self.done + 1) * self.round_rows:
             self._round()
 
+    def _pwrite(self, block: np.ndarray, offset: int) -> None:
+        view = memoryview(block).cast("B")
+        while len(view):
+            if hasattr(os, "pwrite"):
+                n = os.pwrite(self.fd, view, offset)
+            else:  # Windows
+                os.lseek(self.fd, offset, os.SEEK_SET)
+                n = os.write(self.fd, view)
+            view, offset = view[n:], offset + n
+
     def _round(self) -> None:
-        self.features.flush()  # msync: these features are on disk before any status vouches for them
+        getattr(os, "fdatasync", os.fsync)(self.fd)  # these features are on disk before any status vouches for them
         mine = np.concatenate(self.unmarked) if self.unmarked else np.zeros((0, 2), dtype=np.int64)
         self.unmarked = []
         marks = self.dist.gather_rows(mine)  # every rank's (row, status) pairs of this round
@@ -207,7 +223,6 @@ class ShareWriter:
         return self.dist.broadcast(counts)
 
     def close(self) -> None:
-        self.features.flush()
-        del self.features
+        os.close(self.fd)
         if self.file is not None:
             self.file.close()
