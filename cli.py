@@ -223,5 +223,24 @@ def demo(
     _call(run_demo, D(out=out, images=images, epochs=epochs))
 
 
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="Checkpoint to caption with.")] = Path("cache/model.pt"),
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every network interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest photo file accepted, in MB.")] = 20.0,
+) -> None:
+    """A web page and JSON API: drop a photo, see its caption, the attention of each word and the n-best beams.
+
+    Loads the models once; serves http://HOST:PORT/ and POST /api/caption, GET /api/health, GET /api/model.
+    """
+    from pipeline.serve import ServeConfig
+    from pipeline.serve import serve as run_serve
+
+    cfg = ServeConfig(model=model, host=host, port=port, device=device, max_upload_mb=max_upload_mb)
+    _call(run_serve, cfg)
+
+
 if __name__ == "__main__":
     app()

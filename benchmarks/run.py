@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_ddp, bench_extract, bench_fit, bench_generate, bench_scaling, bench_store
+from benchmarks import bench_ddp, bench_extract, bench_fit, bench_generate, bench_scaling, bench_serve, bench_store
 from benchmarks.common import ROOT, BenchmarkError, Context, Table, require_data
 from pipeline.files import write_text_atomic
 
@@ -31,6 +31,7 @@ SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "scaling": bench_scaling.run,
     "generate": bench_generate.run,
     "store": bench_store.run,
+    "serve": bench_serve.run,
     "ddp": bench_ddp.run,
 }
 

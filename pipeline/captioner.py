@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,8 @@ class Captioner:
     feature_dtype: np.dtype
     device: torch.device
     max_steps: int
+    # What the checkpoint says about itself (no tensors): epoch, best, metrics, configs, store provenance.
+    info: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, model_path: str | Path, device: torch.device) -> Captioner:
@@ -64,15 +66,17 @@ class Captioner:
             dtype,
             device,
             checkpoint.max_steps(ckpt),
+            {k: ckpt[k] for k in ("epoch", "best", "metrics", "model_config", "train_config", "store") if k in ckpt},
         )
 
     @torch.inference_mode()
-    def caption(self, pixels: torch.Tensor, beam_size: int = 3) -> list[Decoded]:
-        """(B, 3, H, W) uint8 -> decoded captions. Features are rounded to the store's dtype, as in training."""
+    def caption(self, pixels: torch.Tensor, beam_size: int = 3, n_best: int = 0) -> list[Decoded]:
+        """(B, 3, H, W) uint8 -> decoded captions. Features are rounded to the store's dtype, as in training.
+        n_best > 0 also fills each result's `beams` (see decode.beam_search)."""
         x = normalize(pixels.to(self.device), self.transform).contiguous(memory_format=torch.channels_last)
         feats = encode(self.encoder, x)
         feats = feats.to(torch.from_numpy(np.zeros(0, self.feature_dtype)).dtype)
-        return beam_search(self.decoder, feats, beam_size, self.max_steps)
+        return beam_search(self.decoder, feats, beam_size, self.max_steps, n_best)
 
     def words(self, decoded: Decoded) -> list[str]:
         return [self.vocab.itos[t] for t in decoded.tokens]

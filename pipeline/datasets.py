@@ -4,6 +4,10 @@
 `CaptionSet`: every image name (relative to the images folder), its captions and its split, plus
 counts of what was repaired or skipped. Real files have defects; these readers repair what is
 unambiguous (a missing separator, a `.jpg.1` name), skip the rest, and count both.
+
+Every text file (captions, split files) is read as UTF-8 with or without a byte-order mark (`utf-8-sig`):
+editors on Windows write one, and it must not hide the first row. Whatever bytes a captions file holds,
+reading it ends in a `CaptionSet` or a `UserError`, never another exception (property-tested).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import io
 import json
 import os
 import re
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -34,6 +39,11 @@ LAYOUTS = {
     "kaggle-flickr8k": ("captions.txt",),
 }
 RECOGNISED = ", ".join(n for names in LAYOUTS.values() for n in names if not n.endswith(".gz"))
+HEAD_CHARS = 65536  # how much of an unknown file's first line is read to recognise its layout
+# What reading a damaged or foreign file can raise: I/O and gzip errors (OSError, EOFError, zlib.error),
+# undecodable text and bad JSON (ValueError), a CSV field past csv's limit, JSON nested past the stack.
+READ_ERRORS = (OSError, ValueError, EOFError, zlib.error, csv.Error, RecursionError)
+MALFORMED = "malformed caption rows"
 
 
 @dataclass
@@ -73,7 +83,8 @@ def detect_layout(path: Path) -> str:
             return layout
     if path.suffix == ".json" or path.name.endswith(".json.gz"):
         return "karpathy"
-    head = _open_text(path).readline()
+    with _open_text(path) as f:
+        head = f.readline(HEAD_CHARS)
     if "|" in head and "image_name" in head:
         return "kaggle-flickr30k"
     if re.match(r"^\S+#\d+\t", head):
@@ -87,29 +98,44 @@ def read_captions(images_dir: Path, captions: Path | None = None) -> CaptionSet:
     """Read the captions of the images in `images_dir`, from `captions` or the file found there."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
+        if images_dir.exists():
+            raise UserError(f"images folder {images_dir} is a file, not a folder")
         raise UserError(f"images folder not found: {images_dir}")
-    if captions is None:
-        path, layout = find_captions(images_dir)
-    else:
-        path = Path(captions)
-        if not path.is_file():
-            raise UserError(f"captions file not found: {path}")
-        layout = detect_layout(path)
+    path = Path(captions) if captions is not None else images_dir
     problems: Counter = Counter()
     try:
-        if layout == "karpathy":
-            entries = _read_karpathy(path, problems)
-        elif layout == "flickr8k-token":
-            entries = _with_split_files(_read_flickr8k_token(path, problems), path.parent, problems)
-        elif layout == "kaggle-flickr30k":
-            entries = _read_kaggle_flickr30k(path, problems)
+        if captions is None:
+            path, layout = find_captions(images_dir)
+        elif path.is_dir():
+            raise UserError(f"captions file {path} is a folder, not a file")
+        elif not path.is_file():
+            raise UserError(f"captions file not found: {path}")
         else:
-            entries = _with_split_files(_read_kaggle_flickr8k(path, problems), path.parent, problems)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error, KeyError, TypeError) as e:
-        raise UserError(f"cannot read captions file {path}: {e}") from None
+            layout = detect_layout(path)
+        entries = READERS[layout](path, problems)
+    except READ_ERRORS as e:
+        raise UserError(f"cannot read captions file {path}: {_why(e)}") from None
+    if layout in ("flickr8k-token", "kaggle-flickr8k"):
+        entries = _with_split_files(entries, path.parent, problems)
     if not entries:
         raise UserError(f"no usable captions in {path} (read as {layout})")
-    return _resolve(images_dir, path, layout, entries, problems)
+    try:
+        return _resolve(images_dir, path, layout, entries, problems)
+    except OSError as e:
+        raise UserError(f"cannot read images folder {images_dir}: {_why(e)}") from None
+
+
+def _why(e: BaseException) -> str:
+    """A read error in a few words, on one line."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{e.object[e.start]:02x})"
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply"
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    return describe(e)
 
 
 @dataclass
@@ -120,44 +146,69 @@ class _Entry:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    """A text file (gzip-compressed when it ends in .gz) as UTF-8, a leading byte-order mark dropped."""
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # from JSON escapes like "\ud800": not encodable as UTF-8
 
 
 def _clean(text: str) -> str:
-    return " ".join(text.split())
+    """One caption on one line: control characters become spaces, runs of white space one space, and
+    lone surrogates U+FFFD (the store holds UTF-8)."""
+    return " ".join(_SURROGATE.sub("\ufffd", _CONTROL.sub(" ", text)).split())
 
 
-def _read_karpathy(path: Path, problems: Counter) -> dict[str, _Entry]:
+def read_karpathy(path: Path, problems: Counter) -> dict[str, _Entry]:
+    """Karpathy's `dataset_*.json`: `images[].filename`, optional `filepath`, `split`, `sentences[].raw`
+    (or `tokens`). Entries of the wrong shape are counted as malformed rows, never fatal."""
     with _open_text(path) as f:
         data = json.load(f)
-    images = data["images"] if isinstance(data, dict) else None
+    images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise UserError(f"{path} is not a Karpathy dataset file (no 'images' list)")
     entries: dict[str, _Entry] = {}
     for item in images:
-        name = item.get("filename") if isinstance(item, dict) else None
-        if not isinstance(name, str) or not name:
-            problems["malformed caption rows"] += 1
+        if not isinstance(item, dict):
+            problems[MALFORMED] += 1
             continue
+        name, folder, sentences = item.get("filename"), item.get("filepath") or "", item.get("sentences", [])
+        if not isinstance(name, str) or not name.strip() or not isinstance(folder, str):
+            problems[MALFORMED] += 1
+            continue
+        if not isinstance(sentences, list):
+            problems[MALFORMED] += 1
+            sentences = []
         split = item.get("split", "train")
         split = "train" if split == "restval" else split
         if split not in SPLITS:
-            problems[f"images with unknown split {split!r} (counted as train)"] += 1
+            problems[f"images with unknown split {str(split)[:40]!r} (counted as train)"] += 1
             split = "train"
-        folder = item.get("filepath", "") or ""
         key = str(PurePosixPath(folder) / name) if folder else name
         entry = entries.setdefault(key, _Entry(split=split, folder=folder))
-        for sentence in item.get("sentences", []):
-            raw = sentence.get("raw") if isinstance(sentence, dict) else None
-            if not raw and isinstance(sentence, dict) and sentence.get("tokens"):
-                raw = " ".join(sentence["tokens"])
-            if isinstance(raw, str) and raw.strip():
-                entry.captions.append(_clean(raw))
+        for sentence in sentences:
+            text = _karpathy_sentence(sentence)
+            if text:
+                entry.captions.append(text)
             else:
                 problems["empty captions"] += 1
     return entries
+
+
+def _karpathy_sentence(sentence: object) -> str:
+    """The caption of one `sentences[]` entry: its `raw` text, else its `tokens` joined; "" when neither."""
+    if not isinstance(sentence, dict):
+        return ""
+    raw = sentence.get("raw")
+    if isinstance(raw, str) and raw.strip():
+        return _clean(raw)
+    tokens = sentence.get("tokens")
+    if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens):
+        return _clean(" ".join(tokens))
+    return ""
 
 
 _TOKEN_ROW = re.compile(r"^(?P<name>[^#\t]+)#(?P<k>\d+)\s+(?P<text>.*)$")
@@ -173,18 +224,20 @@ def _repair_name(name: str, problems: Counter) -> str:
     return name
 
 
-def _read_flickr8k_token(path: Path, problems: Counter) -> dict[str, _Entry]:
+def read_flickr8k_token(path: Path, problems: Counter) -> dict[str, _Entry]:
+    """Flickr8k's `Flickr8k.token.txt`: `name.jpg#k<TAB>caption` a line."""
     entries: dict[str, _Entry] = defaultdict(_Entry)
     with _open_text(path) as f:
         for line in f:
             if not line.strip():
                 continue
             m = _TOKEN_ROW.match(line.rstrip("\r\n"))
-            if not m or not m.group("text").strip():
-                problems["malformed caption rows"] += 1
+            text = _clean(m.group("text")) if m else ""
+            if not text:
+                problems[MALFORMED] += 1
                 continue
             name = _repair_name(m.group("name").strip(), problems)
-            entries[name].captions.append(_clean(m.group("text")))
+            entries[name].captions.append(text)
     return dict(entries)
 
 
@@ -192,7 +245,8 @@ def _read_flickr8k_token(path: Path, problems: Counter) -> dict[str, _Entry]:
 _KAGGLE30K_ROW = re.compile(r"^(?P<name>[^|]+?)\s*\|\s*(?P<k>\d+)\s*(?P<sep>\|)?\s*(?P<text>.*)$")
 
 
-def _read_kaggle_flickr30k(path: Path, problems: Counter) -> dict[str, _Entry]:
+def read_kaggle_flickr30k(path: Path, problems: Counter) -> dict[str, _Entry]:
+    """Kaggle's Flickr30k `results.csv`: `image_name| comment_number| comment` a line, after a header."""
     entries: dict[str, _Entry] = defaultdict(_Entry)
     with _open_text(path) as f:
         for i, line in enumerate(f):
@@ -202,17 +256,19 @@ def _read_kaggle_flickr30k(path: Path, problems: Counter) -> dict[str, _Entry]:
             if not line.strip():
                 continue
             m = _KAGGLE30K_ROW.match(line)
-            if not m or not m.group("text").strip():
-                problems["malformed caption rows"] += 1
+            text = _clean(m.group("text")) if m else ""
+            if not text:
+                problems[MALFORMED] += 1
                 continue
             if m.group("sep") is None:
                 problems["repaired rows (missing '|' separator)"] += 1
             name = _repair_name(m.group("name").strip(), problems)
-            entries[name].captions.append(_clean(m.group("text")))
+            entries[name].captions.append(text)
     return dict(entries)
 
 
-def _read_kaggle_flickr8k(path: Path, problems: Counter) -> dict[str, _Entry]:
+def read_kaggle_flickr8k(path: Path, problems: Counter) -> dict[str, _Entry]:
+    """Kaggle's Flickr8k `captions.txt`: CSV `image,caption` after a header."""
     entries: dict[str, _Entry] = defaultdict(_Entry)
     with _open_text(path) as f:
         reader = csv.reader(f)
@@ -222,16 +278,24 @@ def _read_kaggle_flickr8k(path: Path, problems: Counter) -> dict[str, _Entry]:
             if not row:
                 continue
             if len(row) < 2 or not row[0].strip():
-                problems["malformed caption rows"] += 1
+                problems[MALFORMED] += 1
                 continue
             # An unquoted caption with commas splits into extra fields: they belong to the caption.
-            text = ",".join(row[1:])
-            if not text.strip():
-                problems["malformed caption rows"] += 1
+            text = _clean(",".join(row[1:]))
+            if not text:
+                problems[MALFORMED] += 1
                 continue
             name = _repair_name(row[0].strip(), problems)
-            entries[name].captions.append(_clean(text))
+            entries[name].captions.append(text)
     return dict(entries)
+
+
+READERS = {
+    "karpathy": read_karpathy,
+    "flickr8k-token": read_flickr8k_token,
+    "kaggle-flickr30k": read_kaggle_flickr30k,
+    "kaggle-flickr8k": read_kaggle_flickr8k,
+}
 
 
 _SPLIT_FILES = {
@@ -248,7 +312,12 @@ def _with_split_files(entries: dict[str, _Entry], folder: Path, problems: Counte
         for name in names:
             if (folder / name).is_file():
                 found = True
-                for line in (folder / name).read_text(encoding="utf-8").split():
+                try:
+                    with _open_text(folder / name) as f:
+                        listed = f.read().split()
+                except READ_ERRORS as e:
+                    raise UserError(f"cannot read split file {folder / name}: {_why(e)}") from None
+                for line in listed:
                     if line in entries:
                         entries[line].split = split
     if found:
@@ -264,6 +333,11 @@ def hash_split(name: str) -> str:
     """A deterministic 80/10/10 split decided by the image name alone (not file order, not existence)."""
     bucket = int.from_bytes(hashlib.sha1(PurePosixPath(name).name.encode("utf-8")).digest()[:4], "big") % 100
     return "train" if bucket < 80 else "val" if bucket < 90 else "test"
+
+
+def _storable(name: str) -> bool:
+    """A name the store can hold (UTF-8) and a file system can have (no NUL)."""
+    return "\x00" not in name and not _SURROGATE.search(name)
 
 
 def _safe_relative(name: str) -> PurePosixPath | None:
@@ -315,6 +389,9 @@ def _pick_root(images_dir: Path, captions_path: Path, names: Iterable[PurePosixP
 def _resolve(images_dir: Path, path: Path, layout: str, entries: dict[str, _Entry], problems: Counter) -> CaptionSet:
     safe: dict[PurePosixPath, _Entry] = {}
     for name, entry in entries.items():
+        if not _storable(name):
+            problems[MALFORMED] += 1
+            continue
         rel = _safe_relative(name)
         if rel is None:
             problems["names outside the images folder (rejected)"] += 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ class Decoded:
     tokens: list[int]  # emitted word ids, without <start>/<end>
     attention: np.ndarray  # (len(tokens), P) attention weights for each emitted word
     score: float  # length-normalised log-probability (incl. <end> when emitted)
+    beams: list[Decoded] = field(default_factory=list)  # with n_best: the n best finished hypotheses, best first
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -63,12 +64,22 @@ def _trim(tokens: np.ndarray, alpha: np.ndarray, score: float) -> Decoded:
 
 
 @torch.inference_mode()
-def beam_search(model: Decoder, features: torch.Tensor, beam_size: int = 3, max_steps: int = 19) -> list[Decoded]:
+def beam_search(
+    model: Decoder, features: torch.Tensor, beam_size: int = 3, max_steps: int = 19, n_best: int = 0
+) -> list[Decoded]:
     """Batched beam search: `beam_size` hypotheses per image, scored by log-probability over length.
     A hypothesis ends at <end>; the best ended one (or the best unfinished at `max_steps`) wins.
-    beam_size 1 is exactly greedy."""
+    beam_size 1 is exactly greedy.
+
+    n_best > 0 also keeps, in each result's `beams`, the `n_best` best hypotheses that finished (ended, or
+    reached `max_steps`) during the search, best first; the first is the result itself. It costs one small
+    device-to-host copy per step, so evaluate and generate leave it off."""
     if beam_size <= 1:
-        return greedy(model, features, max_steps)
+        out = greedy(model, features, max_steps)
+        if n_best:
+            for d in out:
+                d.beams = [Decoded(d.tokens, d.attention, d.score)]
+        return out
     dev = features.device
     b, k = features.shape[0], beam_size
     state = model.init_state(features, groups=k)
@@ -82,6 +93,7 @@ def beam_search(model: Decoder, features: torch.Tensor, beam_size: int = 3, max_
     best_len = torch.zeros((b,), dtype=torch.long, device=dev)
     best_alpha: torch.Tensor | None = None
     batch_idx = torch.arange(b, device=dev)
+    finished: list[list[Decoded]] = [[] for _ in range(b)]  # n_best: every finished hypothesis, in order
     for t in range(max_steps):
         logits, state, alpha = model.step(state, tokens)  # (B, K, V), (B, K, P)
         if best_alpha is None:
@@ -102,6 +114,8 @@ def beam_search(model: Decoder, features: torch.Tensor, beam_size: int = 3, max_
         last = t == max_steps - 1
         length = t + 1
         norm = torch.where(ended | (last & torch.isfinite(top)), top / length, torch.full_like(top, -float("inf")))
+        if n_best:
+            _collect(finished, norm, ended, history, alpha_hist, length)
         cand_best, cand_k = norm.max(dim=1)
         better = cand_best > best_score
         if bool(better.any()):
@@ -121,7 +135,37 @@ def beam_search(model: Decoder, features: torch.Tensor, beam_size: int = 3, max_
         state = state.select(batch_idx, parent)
     toks, lens = best_tokens.cpu().numpy(), best_len.cpu().numpy()
     alphas, sc = best_alpha.cpu().numpy(), best_score.cpu().numpy()
-    return [Decoded([int(x) for x in toks[i, : lens[i]]], alphas[i, : lens[i]], float(sc[i])) for i in range(b)]
+    out = [Decoded([int(x) for x in toks[i, : lens[i]]], alphas[i, : lens[i]], float(sc[i])) for i in range(b)]
+    for d, hyps in zip(out, finished, strict=True):
+        # A stable sort keeps the search's order among equal scores, the order in which `best` was chosen.
+        d.beams = sorted(hyps, key=lambda h: -h.score)[:n_best]
+    return out
+
+
+def _collect(
+    finished: list[list[Decoded]],
+    norm: torch.Tensor,
+    ended: torch.Tensor,
+    history: torch.Tensor,
+    alpha_hist: torch.Tensor,
+    length: int,
+) -> None:
+    """Append this step's finished hypotheses (finite `norm`, (B, K)) to each image's list, in beam order."""
+    where = torch.isfinite(norm).nonzero()  # (F, 2): image, beam
+    if len(where) == 0:
+        return
+    i, j = where[:, 0], where[:, 1]
+    rows = zip(
+        i.tolist(),
+        norm[i, j].tolist(),
+        ended[i, j].tolist(),
+        history[i, j].cpu().numpy(),
+        alpha_hist[i, j].cpu().numpy(),
+        strict=True,
+    )
+    for image, score, has_end, tokens, alpha in rows:
+        n = length - 1 if has_end else length  # <end> is scored but not a word
+        finished[image].append(Decoded([int(x) for x in tokens[:n]], alpha[:n], float(score)))
 
 
 def decode_rows(

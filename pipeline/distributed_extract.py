@@ -4,9 +4,10 @@ makes (same `images` order, same features within float tolerance, same statuses)
 How the work is shared:
 
 - Rank 0 alone decides what the store is: it takes the store's one-writer lock for the whole run, and
-  creates, resumes or refuses the store exactly as one process does (`extract._prepare_store`). Every rank
-  gets its decision: the same error, "nothing to do", or the store's layout (the features' byte offset,
-  shape, dtype) and the rows still to extract.
+  creates, resumes, rebuilds or refuses the store exactly as one process does (`extract._prepare_store`).
+  Every rank gets its decision: the same error, "nothing to do", or the store's layout (the features' byte
+  offset, shape, dtype) and the rows still to extract. The other ranks never open the file with h5py, so
+  HDF5's lock on it stays rank 0's.
 - The rows to extract are cut into one contiguous share per rank (`Dist.part`): a deterministic split of
   the same list, so a resumed run shares what is left of it.
 - Each rank writes its features straight into the one preallocated, contiguous `features` dataset, at the
@@ -15,9 +16,9 @@ How the work is shared:
   neighbouring rows share a page, and on a network filesystem a node writing back a whole mapped page can
   overwrite the bytes another node wrote into the other half of it; a byte-range write never touches bytes
   outside its rows. It also works where shared writable maps do not (FUSE mounts).
-- Statuses are rank 0's to write. Every `round_rows` rows, every rank syncs (fdatasync) the features it
-  wrote, then the (row, status) pairs of that round are gathered (padded tensors) to rank 0, which writes
-  them into `status` and flushes the file. A status never vouches for features that are not on disk, and a
+- Statuses are rank 0's to write, through `store.Writer`. Every `round_rows` rows, every rank syncs
+  (fdatasync) the features it wrote, then the (row, status) pairs of that round are gathered (padded
+  tensors) to rank 0, which commits them. A status never vouches for features that are not on disk, and a
   killed run resumes row by row, as a single process does.
 
 Why not part files that rank 0 merges: the merge is a second full copy of the features (25 GB for COCO,
@@ -31,21 +32,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import h5py
 import numpy as np
 
-from pipeline import store as st
 from pipeline.console import info, warn
 from pipeline.datasets import CaptionSet, read_captions
 from pipeline.distributed import Dist, session
 from pipeline.encoder import build_encoder
-from pipeline.errors import UserError
-from pipeline.extract import ExtractConfig, _prepare_store, _run, provenance
+from pipeline.errors import UserError, describe
+from pipeline.extract import (
+    ExtractConfig,
+    _counts,
+    _existing_store,
+    _extract_rows,
+    _prepare_store,
+    _remove_leftovers,
+    _skipped_text,
+    check_options,
+    provenance,
+)
 from pipeline.files import exclusive
+from pipeline.store import Writer, open_file
 
 # Rows per rank between two status rounds: at most that much work is redone after a kill. Each round costs an
 # fdatasync of the rows' features (~200 KB an image in float16) and a small gather: on a GPU at ~1,000
@@ -56,90 +68,91 @@ ROUND_ROWS = {"cuda": 1024, "cpu": 128}
 @dataclass(frozen=True)
 class Layout:
     """Where the features dataset lies in the file, and what is left to extract: rank 0 reads it, every
-    rank gets it (the other ranks never open the file with h5py, so HDF5's lock is rank 0's alone)."""
+    rank gets it."""
 
     offset: int
     shape: tuple[int, ...]
     dtype: str
-    rows: np.ndarray  # rows still pending, in order
+    rows: np.ndarray  # rows to extract (pending, and unreadable ones to retry), in order
 
 
 def extract(cfg: ExtractConfig) -> dict:
     """`pipeline.extract.extract` for one rank of a torchrun job. Returns the run's summary (the same on
-    every rank)."""
+    every rank, but `bytes`: rank 0's)."""
     start = time.perf_counter()
+    images, path = Path(cfg.images), Path(cfg.store)
     with session(cfg.device) as dist, contextlib.ExitStack() as held:
-        dist.check(lambda: _check_options(cfg))
-        captions = dist.check(lambda: _read_captions(cfg, dist))
+        # one process a node makes the checks that write a probe file (pids differ within a node only)
+        dist.check(lambda: check_options(cfg) if dist.local_rank == 0 else None)
+        old = dist.decide(lambda: _lock(path, held))
+        captions = dist.check(lambda: _read_captions(cfg, images, dist))
         # rank 0 of each node first: an ImageNet download then happens once per node
         built = dist.check(lambda: build_encoder(cfg.weights) if dist.local_rank == 0 else None)
         trunk, weights = dist.check(lambda: built or build_encoder(cfg.weights))
         prov = provenance(weights.to_dict(), cfg.transform, cfg.dtype)
-        summary = {"store": str(cfg.store), "images": len(captions), "captions": sum(map(len, captions.captions))}
-        layout = dist.decide(lambda: _open_store(cfg, captions, prov, held))
+        summary = {"store": str(path), "images": len(captions), "captions": sum(map(len, captions.captions))}
+        layout = dist.decide(lambda: _layout(cfg, captions, prov, old))
         if layout is None:
-            return summary | {"written_now": 0, "skipped_now": 0, "seconds": time.perf_counter() - start}
+            zero = {"written_now": 0, "skipped_now": 0, "unreadable_now": 0}
+            return summary | _counts(old) | zero | {"seconds": time.perf_counter() - start}
         mine = dist.part(layout.rows)
         info(f"extract: {len(layout.rows)} images over {dist.world} processes ({len(mine)} on rank 0)")
-        shares = [len(part) for part in np.array_split(layout.rows, dist.world)]
-        writer = ShareWriter(dist, cfg.store, layout, max(shares), ROUND_ROWS[dist.device.type])
-        try:
-            written, skipped = _run(_per_rank(cfg, dist), trunk, dist.device, captions, mine, writer)
-            counts = writer.finish()
-        finally:
-            writer.close()
-        written, skipped = dist.sum(written, skipped)
-        dist.check(lambda: _check_written(cfg, counts))  # the same counts on every rank: rank 0 reports
+        largest = max(len(part) for part in np.array_split(layout.rows, dist.world))
+        rounds = ROUND_ROWS[dist.device.type]
+        counts, now = _extract_rows(
+            _per_rank(cfg, dist), trunk, dist.device, captions, mine,
+            open_writer=lambda: ShareWriter(dist, path, layout, largest, rounds),
+        )  # fmt: skip
+        now = dict(zip(now, (int(v) for v in dist.sum(*now.values())), strict=True))
+        dist.check(lambda: _check_written(images, counts))  # the same counts on every rank: rank 0 reports
         seconds = time.perf_counter() - start
-        size = cfg.store.stat().st_size if dist.is_main else 0
-        summary |= counts | {"written_now": int(written), "skipped_now": int(skipped), "seconds": seconds}
+        size = path.stat().st_size if dist.is_main else 0
         info(
-            f"done: {counts['images_written']} images written, {counts['images_skipped']} skipped (undecodable), "
-            f"{summary['captions']} captions, {size / 2**30:.2f} GiB at {cfg.store}, "
-            f"{int(written)} this run by {dist.world} processes in {seconds:.1f}s"
+            f"done: {counts['images_written']} images written, {_skipped_text(counts)}, {summary['captions']} "
+            f"captions, {size / 2**30:.2f} GiB at {path}, {now['written_now']} this run by {dist.world} processes "
+            f"in {seconds:.1f}s"
         )
-        return summary | ({"bytes": size} if dist.is_main else {})
+        return summary | counts | now | {"seconds": seconds} | ({"bytes": size} if dist.is_main else {})
 
 
-def _check_written(cfg: ExtractConfig, counts: dict) -> None:
-    if counts["images_written"] == 0:
-        raise UserError(f"no image under {cfg.images} could be decoded; nothing was extracted")
+def _lock(path: Path, held: contextlib.ExitStack) -> dict | None:
+    """Rank 0: the store's one-writer lock (held until the run ends), leftovers of killed runs removed, and
+    the attributes of the store already there (None when there is none)."""
+    held.enter_context(exclusive(path, what=str(path)))
+    _remove_leftovers(path)
+    return _existing_store(path)
 
 
-def _check_options(cfg: ExtractConfig) -> None:
-    # the checks `extract.extract` makes first, made here on every rank and agreed
-    if cfg.dtype not in st.DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(st.DTYPES)}, not {cfg.dtype!r}")
-    if cfg.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-
-
-def _read_captions(cfg: ExtractConfig, dist: Dist) -> CaptionSet:
+def _read_captions(cfg: ExtractConfig, images: Path, dist: Dist) -> CaptionSet:
     """Every rank reads the captions (it needs the image names of its share); rank 0 reports on them."""
-    captions = read_captions(cfg.images, cfg.captions)
+    captions = read_captions(images, cfg.captions)
     if dist.is_main:
         info(f"captions: {captions.source} ({captions.layout}), {len(captions)} images on disk")
         for reason, count in sorted(captions.problems.items()):
             if count:
                 warn(f"{count} {reason}")
     if not captions.images:
-        raise UserError(f"none of the captioned images were found under {cfg.images}")
+        raise UserError(f"none of the captioned images were found under {images}")
     return captions
 
 
-def _open_store(cfg: ExtractConfig, captions: CaptionSet, prov: dict, held: contextlib.ExitStack) -> Layout | None:
-    """Rank 0: take the store's lock (held until the run ends), create, resume or refuse the store as one
-    process does; None when it is complete."""
-    held.enter_context(exclusive(cfg.store, str(cfg.store)))
-    if _prepare_store(cfg, captions, prov):
+def _layout(cfg: ExtractConfig, captions: CaptionSet, prov: dict, old: dict | None) -> Layout | None:
+    """Rank 0: create, resume, rebuild or refuse the store as one process does; None when it is complete."""
+    rows = _prepare_store(cfg, captions, prov, old)
+    if rows is None:
         return None
-    with h5py.File(cfg.store, "r") as f:
+    with open_file(cfg.store, "r") as f:
         ds = f["features"]
         offset = ds.id.get_offset()
         if offset is None or ds.chunks is not None or ds.compression is not None:
             raise UserError(f"{cfg.store}: features are not stored contiguously; cannot write them in place")
-        rows = np.flatnonzero(f["status"][:] == st.PENDING)
-        return Layout(int(offset), tuple(ds.shape), ds.dtype.name, rows)
+        return Layout(int(offset), tuple(ds.shape), ds.dtype.name, np.asarray(rows, dtype=np.int64))
+
+
+def _check_written(images: Path, counts: dict) -> None:
+    if counts["images_written"] == 0:
+        what = "read or decoded" if counts["images_unreadable"] else "decoded"
+        raise UserError(f"no image under {images} could be {what}; nothing was extracted")
 
 
 def _per_rank(cfg: ExtractConfig, dist: Dist) -> ExtractConfig:
@@ -152,19 +165,30 @@ def _per_rank(cfg: ExtractConfig, dist: Dist) -> ExtractConfig:
 
 
 class ShareWriter:
-    """The writer `extract._run` fills (`write(rows, features, status)`), for one rank: features written in
-    place at their bytes, statuses through rank 0 in rounds (see the module's docstring). Every rank takes
-    part in the same number of rounds, the number the largest share needs, so that the collectives pair up."""
+    """The writer `extract._extract_rows` fills (store.Writer's `write(rows, features, status)`, `finish`,
+    `close`), for one rank: features written in place at their bytes, statuses through rank 0 in rounds (see
+    the module's docstring). Every rank takes part in the same number of rounds, the number the largest share
+    needs, so that the collectives pair up."""
 
-    def __init__(self, dist: Dist, path: os.PathLike, layout: Layout, largest_share: int, round_rows: int) -> None:
-        self.dist, self.path, self.round_rows, self.layout = dist, path, round_rows, layout
+    def __init__(self, dist: Dist, path: Path, layout: Layout, largest_share: int, round_rows: int) -> None:
+        self.dist, self.path, self.layout, self.round_rows = dist, Path(path), layout, round_rows
         self.rounds = -(-largest_share // round_rows)
         self.row_bytes = int(np.prod(layout.shape[1:])) * np.dtype(layout.dtype).itemsize
-        self.fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))  # never O_TRUNC: rank 0's store
-        self.file = h5py.File(path, "r+") if dist.is_main else None  # statuses and attributes: rank 0's
+        with self._errors():
+            self.fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))  # never O_TRUNC: rank 0's store
+        # statuses, counts and the completion marker: rank 0's, committed by rounds (never by time)
+        self.writer = Writer(self.path, sync_seconds=math.inf) if dist.is_main else None
         self.done = 0  # rounds done
         self.rows = 0  # rows handed to write()
         self.unmarked: list[np.ndarray] = []  # (k, 2) row, status: written, not yet marked
+
+    @contextlib.contextmanager
+    def _errors(self):
+        try:
+            yield
+        except OSError as e:  # a full disk, EFBIG...: this rank's error line; torchrun stops the others
+            reason = os.strerror(e.errno) if e.errno else describe(e)
+            raise UserError(f"cannot write {self.path}: {reason}") from None
 
     def write(self, rows: np.ndarray, features: np.ndarray | None, status: int) -> None:
         rows = np.asarray(rows, dtype=np.int64)
@@ -172,8 +196,9 @@ class ShareWriter:
             if features.shape[1:] != self.layout.shape[1:] or features.dtype != np.dtype(self.layout.dtype):
                 raise ValueError(f"features {features.dtype}{features.shape} do not fit the store's rows")
             breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-            for run, feats in zip(np.split(rows, breaks), np.split(features, breaks), strict=True):
-                self._pwrite(np.ascontiguousarray(feats), self.layout.offset + int(run[0]) * self.row_bytes)
+            with self._errors():
+                for run, feats in zip(np.split(rows, breaks), np.split(features, breaks), strict=True):
+                    self._pwrite(np.ascontiguousarray(feats), self.layout.offset + int(run[0]) * self.row_bytes)
         self.unmarked.append(np.stack([rows, np.full_like(rows, status)], axis=1))
         self.rows += len(rows)
         while self.done < self.rounds and self.rows >= (self.done + 1) * self.round_rows:
@@ -189,17 +214,27 @@ class ShareWriter:
                 n = os.write(self.fd, view)
             view, offset = view[n:], offset + n
 
-    def _round(self) -> None:
-        getattr(os, "fdatasync", os.fsync)(self.fd)  # these features are on disk before any status vouches for them
+    def _sync(self) -> None:
+        with self._errors():
+            getattr(os, "fdatasync", os.fsync)(self.fd)  # the features on disk before a status vouches for them
+
+    def _take(self) -> np.ndarray:
         mine = np.concatenate(self.unmarked) if self.unmarked else np.zeros((0, 2), dtype=np.int64)
         self.unmarked = []
-        marks = self.dist.gather_rows(mine)  # every rank's (row, status) pairs of this round
-        if self.file is not None and len(marks):
-            status = self.file["status"][:]
-            status[marks[:, 0]] = marks[:, 1]
-            lo, hi = int(marks[:, 0].min()), int(marks[:, 0].max()) + 1
-            self.file["status"][lo:hi] = status[lo:hi]  # one write; rows in between keep their values
-            self.file.flush()
+        return mine
+
+    def _mark(self, marks: np.ndarray) -> None:
+        """Rank 0: commit the statuses of `marks` (row, status) through store.Writer."""
+        assert self.writer is not None
+        for value in np.unique(marks[:, 1]):
+            self.writer.write(marks[marks[:, 1] == value, 0], None, int(value))
+        self.writer.commit()
+
+    def _round(self) -> None:
+        self._sync()
+        marks = self.dist.gather_rows(self._take())  # every rank's (row, status) pairs of this round
+        if self.writer is not None and len(marks):
+            self._mark(marks)
         self.done += 1
 
     def finish(self) -> dict:
@@ -207,22 +242,20 @@ class ShareWriter:
         records the counts and the completion marker. Returns the counts, on every rank."""
         while self.done < self.rounds:
             self._round()
-        if self.unmarked and any(len(m) for m in self.unmarked):
+        if len(self._take()):
             raise RuntimeError("rows written after the last status round")  # the round count is wrong
-        counts = None
-        if self.file is not None:
-            status = self.file["status"][:]
-            counts = {
-                "images_written": int((status == st.WRITTEN).sum()),
-                "images_skipped": int((status == st.SKIPPED).sum()),
-            }
-            for k, v in counts.items():
-                self.file.attrs[k] = v
-            self.file.attrs["complete"] = bool((status != st.PENDING).all())
-            self.file.flush()
-        return self.dist.broadcast(counts)
+        return self.dist.broadcast(self.writer.finish() if self.writer is not None else None)
 
     def close(self) -> None:
-        os.close(self.fd)
-        if self.file is not None:
-            self.file.close()
+        """On the way out of an error, rank 0 still marks its own written rows (synced first); the other ranks'
+        unmarked rows are redone by the next run."""
+        try:
+            if self.writer is not None:
+                mine = self._take()
+                with contextlib.suppress(UserError):  # the error on its way out says it better
+                    if len(mine):
+                        self._sync()
+                        self._mark(mine)
+                self.writer.close()
+        finally:
+            os.close(self.fd)

@@ -48,11 +48,15 @@ def _trunk_state(state: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _imagenet_file(name: str) -> Path:
+def imagenet_weights_file(name: str) -> Path:
+    """Where torchvision caches the named ImageNet weights (`IMAGENET1K_V1`...): the file may not exist yet."""
     from torchvision.models import ResNet50_Weights
 
     weights = ResNet50_Weights[name]
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+_imagenet_file = imagenet_weights_file  # the old private name, still imported by pipeline/demo.py
 
 
 def load_weights(spec: str) -> tuple[dict | None, WeightsInfo]:
@@ -61,7 +65,7 @@ def load_weights(spec: str) -> tuple[dict | None, WeightsInfo]:
     if spec.lower() == "none":
         return None, WeightsInfo("none", "")
     if spec in NAMED_WEIGHTS:
-        cached = _imagenet_file(spec)
+        cached = imagenet_weights_file(spec)
         if not cached.is_file():
             old = socket.getdefaulttimeout()
             socket.setdefaulttimeout(30)
@@ -76,7 +80,12 @@ def load_weights(spec: str) -> tuple[dict | None, WeightsInfo]:
                 ) from None
             finally:
                 socket.setdefaulttimeout(old)
-        state = torch.load(cached, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(cached, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged cache file: zip, pickle or I/O errors
+            raise UserError(
+                f"cannot load the cached {spec} weights {cached} ({describe(e)}); delete that file to download it again"
+            ) from None
         return state, WeightsInfo(spec, _sha256(cached), str(cached))
     path = Path(spec)
     if not path.is_file():

@@ -14,6 +14,10 @@ from PIL import Image
 
 from pipeline.files import atomic_write
 
+# How attention is drawn over the photo, here and on the `serve` page (which gets the colours from the server).
+COLORMAP = "jet"
+OVERLAY_ALPHA = 0.5
+
 
 def _pyplot():
     import matplotlib
@@ -57,7 +61,7 @@ def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, p
             )
         )
         ax.imshow(photo)
-        ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=255)
+        ax.imshow(heat, cmap=COLORMAP, alpha=OVERLAY_ALPHA, vmin=0, vmax=255)
         ax.set_title(word, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,3 +97,12 @@ def training_curves(records: list[dict], path: Path) -> Path:
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     return _save(fig, path, dpi=80)
+
+
+def colormap_table(n: int = 256) -> list[list[int]]:
+    """COLORMAP as n RGB triples (0-255). With n = 256, entry i is the colour attention_figure gives a heat
+    value of i (its heat maps are uint8, drawn with vmin 0 and vmax 255)."""
+    import matplotlib
+
+    rgba = matplotlib.colormaps[COLORMAP].resampled(n)(np.arange(n))
+    return (np.asarray(rgba)[:, :3] * 255).round().astype(int).tolist()

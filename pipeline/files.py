@@ -44,8 +44,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(path: Path) -> list[Path]:
-    """Delete `.NAME.tmp-PID` files next to `path` whose process is gone (left by a kill -9). Returns them."""
+def remove_stale_temps(path: Path, locked: bool = False) -> list[Path]:
+    """Delete `.NAME.tmp-PID` files next to `path` whose process is gone (left by a kill -9). Returns them.
+    `locked`: the caller holds `exclusive(path)`, so no other process can be writing one, whatever its pid
+    (pids are reused: a temp file whose pid now names an unrelated live process is stale too)."""
     removed = []
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp-(\d+)$")
     folder = path.parent
@@ -53,7 +55,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
         return removed
     for entry in folder.iterdir():
         m = pattern.match(entry.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and (locked or not _alive(int(m.group(1)))):
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()
                 removed.append(entry)
@@ -87,8 +89,20 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def lock_path(path: Path) -> Path:
-    """The lock file that guards `path` (a file or a folder)."""
+    """The lock file that guards `path` (a file or a folder). Chosen by what `path` is now: lock a folder only
+    once it exists (`check_writable_folder` creates it). A folder created inside the lock would be guarded
+    by `.NAME.lock` for the first holder and by `NAME/.lock` for the next one: two writers."""
     return path / ".lock" if path.is_dir() else path.with_name(f".{path.name}.lock")
+
+
+def lock_holder(path: str | Path) -> int | None:
+    """The pid recorded in the lock of `path` when that process is alive, else None. For messages only: it
+    does not test the lock itself (a reader must never take it)."""
+    try:
+        text = lock_path(Path(path)).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() and _alive(int(text)) else None
 
 
 @contextlib.contextmanager

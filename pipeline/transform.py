@@ -3,6 +3,13 @@
 Pillow open, EXIF transpose, RGB, resize to 224x224 (bilinear), scale to [0, 1], ImageNet mean/std.
 Split in two so that the cheap, parallel part (decode + resize, uint8) runs in DataLoader workers and
 the arithmetic part (float, normalise) runs on the device, batched.
+
+"RGB" is Pillow's `convert("RGB")`, with one exception: Pillow clips 16-bit grey images (PNG, TIFF and PGM
+with 16 bits a sample: modes `I;16`, `I;16B`, `I;16L`, `I;16N` and `I`) to 0..255, which turns almost every
+pixel white; they are scaled to 8 bits instead (v / 257, rounded), so a 16-bit image gives the features of
+its 8-bit version. Pillow already reads 16-bit RGB, RGBA and grey+alpha PNGs as 8 bits a sample. Alpha
+(RGBA, LA, palette transparency) is dropped: transparent pixels show the colour stored under them, as
+`convert("RGB")` does. 1-bit images become black and white; CMYK is converted by Pillow's formula.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -19,8 +27,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Errors a bad image file can raise: truncated or zero-byte (OSError, incl. UnidentifiedImageError),
-# a decompression bomb past Pillow's guard, odd headers (ValueError, SyntaxError, EOFError).
+# a decompression bomb past Pillow's guard, odd headers (ValueError, SyntaxError, EOFError). Reading the
+# file can also fail (OSError): `is_read_error` tells those apart.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def is_read_error(e: BaseException) -> bool:
+    """True for a failure to read the file (missing, permission denied, an I/O error: worth retrying later),
+    False for a file that was read but cannot be decoded (for good). The operating system sets `errno` on
+    the first kind; Pillow raises its decoding errors ("cannot identify image file", "image file is
+    truncated", ...) as OSError without one."""
+    return isinstance(e, OSError) and e.errno is not None and not isinstance(e, Image.UnidentifiedImageError)
 
 
 @dataclass(frozen=True)
@@ -43,16 +61,30 @@ class TransformConfig:
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
-def open_image(path: str | Path, config: TransformConfig = TransformConfig()) -> Image.Image:
-    """Open an image as RGB, EXIF-rotated. Raises one of DECODE_ERRORS on a bad file."""
+def open_image(
+    path: str | Path | BinaryIO, config: TransformConfig = TransformConfig(), formats: tuple[str, ...] | None = None
+) -> Image.Image:
+    """Open an image (a path, or a binary file object such as io.BytesIO) as RGB, EXIF-rotated. `formats`
+    limits the decoders Pillow may try (e.g. ("JPEG", "PNG", "WEBP")). Raises one of DECODE_ERRORS on a bad file."""
     with warnings.catch_warnings():
-        # Pillow warns before its DecompressionBombError threshold; the error itself stays an error.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        # Pillow warns before its DecompressionBombError threshold (the error itself stays an error), when
+        # a palette image's transparency is dropped (what the transform does), and about damaged metadata
+        # ("Corrupt EXIF data", "Tag data larger than file"). Python would print each as two lines of
+        # source location in the middle of extract's output; a file that cannot be used raises instead.
+        warnings.simplefilter("ignore")
+        with Image.open(path, formats=formats) as img:
             img.load()
             if config.exif_transpose:
                 img = ImageOps.exif_transpose(img)
+            if img.mode in _SIXTEEN_BIT_MODES:
+                img = _to_8_bit(img)
             return img.convert("RGB")
+
+
+def _to_8_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grey image (0..65535) as 8-bit grey, v / 257 rounded: 257 * v maps back to v exactly."""
+    a = np.asarray(img).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
 
 
 def resize_uint8(img: Image.Image, config: TransformConfig = TransformConfig()) -> torch.Tensor:

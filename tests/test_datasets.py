@@ -10,12 +10,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.datasets import (
-    _read_flickr8k_token,
     find_captions,
     hash_split,
     read_captions,
+    read_flickr8k_token,
 )
 from pipeline.errors import UserError
 
@@ -421,7 +423,7 @@ def test_real_flickr8k_token_file(tmp_path, real_data):
     assert Counter(cs.splits) == {"train": 6000 + 91, "val": 1000, "test": 1000}
     assert sum(map(len, cs.captions)) == 40455
 
-    entries = _read_flickr8k_token(token, Counter())
+    entries = read_flickr8k_token(token, Counter())
     assert len(entries) == 8092
     assert entries["2258277193_586949ec62.jpg"].captions[0] == "people waiting for the subway"
     assert len(entries["2258277193_586949ec62.jpg"].captions) == 5
@@ -465,3 +467,200 @@ def test_real_karpathy_flickr30k_json_gz(tmp_path, real_data):
     assert not +cs.problems  # nothing repaired, rejected or missing
     assert cs.images[0] == "flickr30k_images/1000092795.jpg"
     assert cs.captions[0][0] == "Two young guys with shaggy hair look at their hands while hanging out in the yard."
+
+
+# --- a UTF-8 byte-order mark, in every file and layout ---------------------------------------------------------
+
+BOM = "\ufeff"
+
+
+def _layouts_with_bom(root: Path) -> dict[str, Path]:
+    """One captions file of each layout, each starting with a byte-order mark, under its usual name and under
+    a name of the user's own (recognised by content), for images a.jpg and b.jpg."""
+    touch(root, ["a.jpg", "b.jpg"])
+    items = [{"filename": n, "split": "test", "sentences": [{"raw": f"{n} karpathy"}]} for n in ("a.jpg", "b.jpg")]
+    karpathy = {"images": items}
+    texts = {
+        "dataset_flickr8k.json": json.dumps(karpathy),
+        "Flickr8k.token.txt": token_lines([("a.jpg", 0, "a.jpg token"), ("b.jpg", 0, "b.jpg token")]),
+        "results.csv": "image_name| comment_number| comment\na.jpg| 0| a.jpg kaggle\nb.jpg| 0| b.jpg kaggle\n",
+        "captions.txt": "image,caption\na.jpg,a.jpg csv\nb.jpg,b.jpg csv\n",
+    }
+    files = {}
+    for name, text in texts.items():
+        for label, fname in ((name, name), (f"custom {name}", f"mine_{name.replace('.', '_')}{Path(name).suffix}")):
+            folder = root.parent / label.replace(" ", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / fname).write_text(BOM + text, encoding="utf-8")
+            files[label] = folder / fname
+    gz = root.parent / "gz" / "dataset_flickr8k.json.gz"
+    gz.parent.mkdir()
+    with gzip.open(gz, "wt", encoding="utf-8") as f:
+        f.write(BOM + texts["dataset_flickr8k.json"])
+    files["gzip"] = gz
+    return files
+
+
+def test_a_byte_order_mark_is_accepted_in_every_layout(tmp_path):
+    files = _layouts_with_bom(tmp_path / "imgs")
+    assert len(files) == 9
+    for label, path in files.items():
+        cs = read_captions(tmp_path / "imgs", path)
+        assert cs.images == ["a.jpg", "b.jpg"], label
+        assert [c[0].split()[0] for c in cs.captions] == ["a.jpg", "b.jpg"], label  # the first row is kept
+        assert not cs.problems["malformed caption rows"], label
+
+
+def test_a_byte_order_mark_in_split_files(tmp_path):
+    root = tmp_path / "f8k"
+    touch(root, ["a.jpg", "b.jpg"])
+    (root / "Flickr8k.token.txt").write_text(token_lines([("a.jpg", 0, "A"), ("b.jpg", 0, "B")]))
+    (root / "Flickr_8k.testImages.txt").write_text(BOM + "a.jpg\n", encoding="utf-8")
+    (root / "Flickr_8k.devImages.txt").write_text(BOM + "b.jpg\r\n", encoding="utf-8")
+    assert read_captions(root).splits == ["test", "val"]
+
+
+# --- captions files that are not captions files ------------------------------------------------------------------
+
+
+def test_captions_that_are_a_folder_binary_huge_or_not_utf8_are_one_clear_error(tmp_path):
+    imgs = tmp_path / "imgs"
+    touch(imgs, ["a.jpg"])
+    cases = {
+        "folder": (tmp_path / "afolder", None, "is a folder, not a file"),
+        "binary": (tmp_path / "photo.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 16, "not UTF-8 text"),
+        "binary token": (tmp_path / "t" / "Flickr8k.token.txt", b"\xff\xd8\xff\xe0" + bytes(range(256)), "not UTF-8"),
+        "latin-1": (tmp_path / "l" / "captions.txt", "image,caption\na.jpg,café\n".encode("latin-1"), "byte 0xe9"),
+        "huge line": (tmp_path / "huge.txt", b"x" * 3_000_000, "unrecognised captions file"),
+        "huge row": (tmp_path / "h" / "results.csv", b"a.jpg 0 " + b"x" * 3_000_000, "no usable captions"),
+        "nested": (tmp_path / "deep.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        "bad gzip": (tmp_path / "g" / "dataset_coco.json.gz", gzip.compress(b'{"images": []}')[:-12], "cannot read"),
+        "not gzip": (tmp_path / "g2" / "dataset_coco.json.gz", b"plain text", "cannot read captions file"),
+        "json list": (tmp_path / "list.json", b"[1, 2]", "not a Karpathy dataset file"),
+    }
+    for label, (path, data, message) in cases.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if data is None:
+            path.mkdir()
+        else:
+            path.write_bytes(data)
+        with pytest.raises(UserError) as e:
+            read_captions(imgs, path)
+        assert message in str(e.value), (label, str(e.value))
+        assert "\n" not in str(e.value), label
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "Flickr8k.token.txt").write_text(token_lines([("a.jpg", 0, "A")]))
+    (tmp_path / "s" / "Flickr_8k.testImages.txt").write_bytes(b"\xff\xfe binary")
+    with pytest.raises(UserError, match="cannot read split file .*not UTF-8"):
+        read_captions(imgs, tmp_path / "s" / "Flickr8k.token.txt")
+
+
+# --- property tests: whatever a captions file holds, a CaptionSet or a UserError -------------------------------
+
+PROPERTY = settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,  # the same examples every run: CI never flakes; raise max_examples to explore
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+ON_DISK = ["a.jpg", "b.jpg", "sub/c.jpg", "x.jpg"]
+FRAGMENTS = [
+    "a.jpg", "b.jpg", "sub/c.jpg", "x.jpg.1", "../a.jpg", "/etc/passwd", "C:\\a.jpg", "#", "#0", "#12", "\t", "|",
+    " | ", ",", '"', "\n", "\r\n", "\r", " ", "image,caption", "image_name| comment_number| comment", "0", "4",
+    "A dog runs .", "café", "\x00", "\x1b", "\ufeff", "\ud800", "\u2028", "🐕",
+]  # fmt: skip
+NAMES = ["Flickr8k.token.txt", "results.csv", "captions.txt", "dataset_flickr8k.json", "custom.txt", "custom.json"]
+
+
+def _check(result_or_error) -> None:
+    """A CaptionSet that keeps its promises, or a UserError."""
+    cs = result_or_error
+    if isinstance(cs, UserError):
+        assert str(cs) and "\n" not in str(cs)
+        return
+    assert len(cs.images) == len(cs.captions) == len(cs.splits) > 0
+    assert set(cs.splits) <= {"train", "val", "test"}
+    assert set(cs.images) <= set(ON_DISK)
+    for caps in cs.captions:
+        assert caps and all(c and c == " ".join(c.split()) for c in caps)
+        for c in caps:
+            c.encode("utf-8")  # storable: no lone surrogates
+            assert not any(ord(ch) < 32 for ch in c)
+
+
+def _read(folder: Path, name: str, data: bytes):
+    path = folder / name
+    path.write_bytes(data)
+    try:
+        return read_captions(folder / "imgs", path)
+    except UserError as e:
+        return e
+
+
+@pytest.fixture(scope="module")
+def parser_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("parsers")
+    touch(folder / "imgs", ON_DISK)
+    return folder
+
+
+@PROPERTY
+@given(data=st.binary(max_size=600), name=st.sampled_from([*NAMES, "dataset_coco.json.gz"]))
+def test_any_bytes_read_as_captions(parser_folder, data, name):
+    _check(_read(parser_folder, name, data))
+
+
+@PROPERTY
+@given(
+    pieces=st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=4)), max_size=60),
+    name=st.sampled_from(NAMES),
+    bom=st.booleans(),
+)
+def test_any_text_read_as_captions(parser_folder, pieces, name, bom):
+    text = ("\ufeff" if bom else "") + "".join(pieces)
+    _check(_read(parser_folder, name, text.encode("utf-8", "surrogatepass")))
+
+
+_JSON_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.sampled_from([*FRAGMENTS, "train", "val", "test", "restval"]),
+)
+_JSON = st.recursive(
+    _JSON_LEAF,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20,
+)
+_SENTENCE = st.one_of(_JSON, st.fixed_dictionaries({}, optional={"raw": _JSON, "tokens": _JSON}))
+_ITEM = st.one_of(
+    _JSON,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "filename": st.one_of(st.sampled_from(FRAGMENTS), _JSON),
+            "filepath": st.one_of(st.sampled_from(["", "sub", "..", "/"]), _JSON),
+            "split": st.one_of(st.sampled_from(["train", "val", "test", "restval", "other"]), _JSON),
+            "sentences": st.one_of(st.lists(_SENTENCE, max_size=3), _JSON),
+        },
+    ),
+)
+
+
+@PROPERTY
+@given(value=st.one_of(_JSON, st.fixed_dictionaries({"images": st.one_of(st.lists(_ITEM, max_size=6), _JSON)})))
+def test_any_json_read_as_a_karpathy_file(parser_folder, value):
+    _check(_read(parser_folder, "dataset_flickr8k.json", json.dumps(value).encode()))
+
+
+@PROPERTY
+@given(data=st.binary(max_size=300), which=st.sampled_from(["trainImages", "devImages", "testImages"]))
+def test_any_split_file(parser_folder, data, which):
+    folder = parser_folder / "with_splits"
+    touch(folder / "imgs", ON_DISK)
+    (folder / f"Flickr_8k.{which}.txt").write_bytes(data)
+    _check(_read(folder, "Flickr8k.token.txt", token_lines([("a.jpg", 0, "A dog .")]).encode()))

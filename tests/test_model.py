@@ -418,3 +418,47 @@ def test_train_step_with_amp_on_cpu_updates_the_model():
     loss = train_step(CaptionTraining(model), make_optimizer(model, 1e-3), batch, TrainConfig(amp=True))
     assert torch.isfinite(loss) and loss > 0
     assert not torch.equal(before, model.gates.weight)
+
+
+# -- n-best (serve shows the n best beams with their scores) -------------------------------------------
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_n_best_leaves_the_best_caption_unchanged(end_biased_model, beam_size):
+    """Asking for the n-best list changes nothing in what generate and evaluate get."""
+    feats = _features(4, seed=11, dim=NARROW_D)
+    plain = beam_search(end_biased_model, feats, beam_size=beam_size, max_steps=12)
+    with_n = beam_search(end_biased_model, feats, beam_size=beam_size, max_steps=12, n_best=beam_size)
+    for a, b in zip(plain, with_n, strict=True):
+        assert a.beams == []
+        assert a.tokens == b.tokens and a.score == b.score
+        np.testing.assert_array_equal(a.attention, b.attention)
+        assert 1 <= len(b.beams) <= beam_size
+        first = b.beams[0]
+        assert first.tokens == b.tokens and first.score == b.score
+        np.testing.assert_array_equal(first.attention, b.attention)
+
+
+def test_n_best_are_distinct_sorted_and_scored_like_the_best(end_biased_model):
+    feats, max_steps = _features(4, seed=11, dim=NARROW_D), 12
+    out = beam_search(end_biased_model, feats, beam_size=4, max_steps=max_steps, n_best=4)
+    assert any(len(d.beams) == 4 for d in out)
+    for i, d in enumerate(out):
+        scores = [h.score for h in d.beams]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h.tokens) for h in d.beams}) == len(d.beams)
+        for h in d.beams:
+            ended = len(h.tokens) < max_steps
+            assert h.score == pytest.approx(_sequence_logprob(end_biased_model, feats[i], h.tokens, ended), abs=1e-4)
+            assert h.attention.shape == (len(h.tokens), P)
+
+
+def test_n_best_of_a_known_distribution():
+    """MarkovModel: 'b <end>' (0.4 x 0.99), then 'a c <end>' (0.5 x 0.3 x 0.9), then 'a d <end>' (0.5 x 0.28 x 0.9)."""
+    out = beam_search(MarkovModel(), torch.zeros(1, 7, 7, 2048), beam_size=3, max_steps=6, n_best=3)[0]
+    assert [h.tokens for h in out.beams] == [[5], [4, 6], [4, 7]]
+    expected = [math.log(0.4 * 0.99) / 2, math.log(0.5 * 0.3 * 0.9) / 3, math.log(0.5 * 0.28 * 0.9) / 3]
+    assert [h.score for h in out.beams] == pytest.approx(expected, abs=1e-5)
+    assert [h.attention.shape for h in out.beams] == [(1, P), (2, P), (2, P)]
+    one = beam_search(MarkovModel(), torch.zeros(1, 7, 7, 2048), beam_size=1, max_steps=6, n_best=3)[0]
+    assert [h.tokens for h in one.beams] == [one.tokens] == [[4, 6]]
