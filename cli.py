@@ -1,4 +1,6 @@
-"""Command line: each command parses its options and calls one `pipeline` function.
+"""Command line: each command parses its options, calls one `pipeline` function and prints what it returns.
+
+Option defaults come from the config dataclasses (pipeline/config.py), declared once there.
 
 Run `uv run cli.py --help`, or `uv run cli.py COMMAND --help` for one command.
 """
@@ -6,12 +8,17 @@ Run `uv run cli.py --help`, or `uv run cli.py COMMAND --help` for one command.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pipeline.config import DemoConfig as D
+from pipeline.config import EvaluateConfig as E
+from pipeline.config import GenerateConfig as G
+from pipeline.config import TrainConfig as T
 from pipeline.errors import UserError
 
 app = typer.Typer(
@@ -37,12 +44,13 @@ def main() -> None:
     """Image captioning from a cached ResNet50 feature store: extract, fit, evaluate, generate, demo."""
 
 
-def _run(fn, *args, **kwargs):
+def _call(fn, *args, **kwargs):
     """Call a pipeline function; a UserError becomes one `error:` line and exit 1, Ctrl-C exit 130."""
     try:
         return fn(*args, **kwargs)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not e.quiet:  # quiet: another process of the same torchrun job printed it
+            print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
@@ -83,44 +91,55 @@ def extract(
         dtype=dtype.value,
         overwrite=overwrite,
     )
-    _run(run_extract, cfg)
+    _call(run_extract, cfg)
 
 
 @app.command()
 def fit(
-    store: Annotated[Path, typer.Option(help="Feature store made by extract.")] = Path("cache/features.h5"),
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs in total (with --resume, those done count).")] = 50,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    out: Annotated[Path, typer.Option(help="Folder for model.pt, last.pt and metrics.jsonl.")] = Path("cache"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
-    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed for initialisation, shuffling and caption choice.")] = 0,
-    min_word_count: Annotated[int, typer.Option(min=1, help="Keep words seen this often in train captions.")] = 5,
-    captions_per_image: Annotated[int, typer.Option(min=1, help="Captions of each image per epoch.")] = 1,
-    grad_clip: Annotated[float, typer.Option(min=0, help="Clip the gradient norm (0: off).")] = 5.0,
-    lr_step: Annotated[int, typer.Option(min=0, help="StepLR step in epochs (0: off; the report: 100).")] = 0,
-    lr_gamma: Annotated[float, typer.Option(help="StepLR factor.")] = 0.1,
-    init_from_features: Annotated[bool, typer.Option(help="SAT: h0/c0 from the mean feature.")] = False,
-    dropout: Annotated[float, typer.Option(min=0, max=0.9, help="SAT: dropout before the output layer.")] = 0.0,
-    gate: Annotated[bool, typer.Option(help="SAT: gating scalar on the attention context.")] = False,
-    attention_penalty: Annotated[float, typer.Option(min=0, help="SAT: doubly stochastic penalty weight.")] = 0.0,
+    store: Annotated[Path, typer.Option(help="Feature store made by extract.")] = Path(T.store),
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs in total (with --resume, those done count).")] = T.epochs,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = T.lr,
+    out: Annotated[Path, typer.Option(help="Folder for model.pt, last.pt, metrics.jsonl, curves.png.")] = Path(T.out),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = T.resume,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = T.device,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, shuffling and caption choice.")] = T.seed,
+    min_word_count: Annotated[
+        int, typer.Option(min=1, help="Keep words seen this often in train captions.")
+    ] = T.min_word_count,
+    captions_per_image: Annotated[
+        int, typer.Option(min=1, help="Captions of each image per epoch.")
+    ] = T.captions_per_image,
+    grad_clip: Annotated[float, typer.Option(min=0, help="Clip the gradient norm (0: off).")] = T.grad_clip,
+    lr_step: Annotated[int, typer.Option(min=0, help="StepLR step in epochs (0: off; the report: 100).")] = T.lr_step,
+    lr_gamma: Annotated[float, typer.Option(help="StepLR factor.")] = T.lr_gamma,
+    decoder: Annotated[
+        str, typer.Option(help="Layer sizes: report (the report's decoder) or tiny (for tests, smoke runs).")
+    ] = T.decoder,
+    init_from_features: Annotated[
+        bool, typer.Option(help="SAT: h0/c0 from the mean feature.")
+    ] = T.init_from_features,
+    dropout: Annotated[float, typer.Option(min=0, max=0.9, help="SAT: dropout before the output layer.")] = T.dropout,
+    gate: Annotated[bool, typer.Option(help="SAT: gating scalar on the attention context.")] = T.gate,
+    attention_penalty: Annotated[
+        float, typer.Option(min=0, help="SAT: doubly stochastic penalty weight.")
+    ] = T.attention_penalty,
     val_decode_images: Annotated[
         int, typer.Option(min=0, help="Val images decoded for CIDEr-D (0: choose by loss).")
-    ] = 1000,  # noqa: E501
+    ] = T.val_decode_images,
     amp: Annotated[
         bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast [default: on CUDA, off on CPU].")
-    ] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder.")] = False,
+    ] = T.amp,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder.")] = T.compile,
 ) -> None:
     """Train the attention-LSTM decoder from the feature store (the ResNet50 is not run again).
 
-    Writes OUT/model.pt (best by validation CIDEr-D), OUT/last.pt (for --resume) and OUT/metrics.jsonl.
+    Writes OUT/model.pt (best by validation CIDEr-D), OUT/last.pt (for --resume), OUT/metrics.jsonl and
+    OUT/curves.png.
     """
-    from pipeline.train import TrainConfig
     from pipeline.train import fit as run_fit
 
-    cfg = TrainConfig(
+    cfg = T(
         store=str(store),
         out=str(out),
         epochs=epochs,
@@ -134,6 +153,7 @@ def fit(
         grad_clip=grad_clip,
         lr_step=lr_step,
         lr_gamma=lr_gamma,
+        decoder=decoder,
         init_from_features=init_from_features,
         dropout=dropout,
         gate=gate,
@@ -142,65 +162,65 @@ def fit(
         amp=amp,
         compile=compile,
     )
-    _run(run_fit, cfg)
+    _call(run_fit, cfg)
 
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Option(help="Checkpoint to evaluate.")] = Path("cache/model.pt"),
-    store: Annotated[Path, typer.Option(help="Feature store with the split's features and captions.")] = Path(
-        "cache/features.h5"
-    ),
-    split: Annotated[Split, typer.Option(help="Split to score.")] = Split.test,
-    beam_size: Annotated[int, typer.Option(min=1, help="Beam width (1: greedy).")] = 3,
-    out: Annotated[Path | None, typer.Option(help="Write metrics and captions to this JSON file.")] = None,
-    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
+    model: Annotated[Path, typer.Option(help="Checkpoint to evaluate.")] = E.model,
+    store: Annotated[Path, typer.Option(help="Feature store with the split's features and captions.")] = E.store,
+    split: Annotated[Split, typer.Option(help="Split to score.")] = Split(E.split),
+    beam_size: Annotated[int, typer.Option(min=1, help="Beam width (1: greedy).")] = E.beam_size,
+    out: Annotated[Path | None, typer.Option(help="Write metrics and captions to this JSON file.")] = E.out,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = E.device,
     meteor: Annotated[
         bool | None, typer.Option("--meteor/--no-meteor", help="Require METEOR (needs Java) / skip Java.")
-    ] = None,
+    ] = E.meteor,
 ) -> None:
     """Caption every image of a split once and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (coco-caption)."""
-    from pipeline.evaluate import EvaluateConfig
+    from pipeline.console import print_scores
     from pipeline.evaluate import evaluate as run_evaluate
 
-    cfg = EvaluateConfig(
-        model=model, store=store, split=split.value, beam_size=beam_size, out=out, device=device, meteor=meteor
-    )
-    _run(run_evaluate, cfg)
+    cfg = E(model=model, store=store, split=split.value, beam_size=beam_size, out=out, device=device, meteor=meteor)
+    result = _call(run_evaluate, cfg)
+    print_scores(result)
+    if out is not None:
+        print(f"wrote {out}")
 
 
 @app.command()
 def generate(
     image: Annotated[list[Path], typer.Option(help="A photo or a folder of photos; repeat for more.")],
-    model: Annotated[Path, typer.Option(help="Checkpoint to caption with.")] = Path("cache/model.pt"),
-    beam_size: Annotated[int, typer.Option(min=1, help="Beam width (1: greedy).")] = 3,
-    attention: Annotated[Path | None, typer.Option(help="Write an attention figure (PNG) per image.")] = None,
+    model: Annotated[Path, typer.Option(help="Checkpoint to caption with.")] = G.model,
+    beam_size: Annotated[int, typer.Option(min=1, help="Beam width (1: greedy).")] = G.beam_size,
+    attention: Annotated[Path | None, typer.Option(help="Write an attention figure (PNG) per image.")] = G.attention,
     json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
-    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = G.device,
 ) -> None:
     """Caption photos with a trained model (loads the models once for all images)."""
-    from pipeline.generate import GenerateConfig
+    from pipeline.console import caption_line
     from pipeline.generate import generate as run_generate
 
-    cfg = GenerateConfig(
-        images=list(image), model=model, beam_size=beam_size, attention=attention, json=json, device=device
-    )
-    _run(run_generate, cfg)
+    cfg = G(images=list(image), model=model, beam_size=beam_size, attention=attention, device=device)
+    _call(_print_each, run_generate(cfg), lambda item: print(caption_line(item, json), flush=True))
+
+
+def _print_each(items: Iterator, show: Callable[[dict], None]) -> None:
+    """Show each item as the library yields it (its errors are raised inside `_call`'s boundary)."""
+    for item in items:
+        show(item)
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's images, store, model and figure.")] = Path(
-        "cache/demo"
-    ),
-    images: Annotated[int, typer.Option(min=20, help="Generated images.")] = 480,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
+    out: Annotated[Path, typer.Option(help="Folder for the demo's images, store, model and figures.")] = D.out,
+    images: Annotated[int, typer.Option(min=20, help="Generated images.")] = D.images,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = D.epochs,
 ) -> None:
     """The whole pipeline on a generated sample: CPU, no downloads, a few minutes."""
-    from pipeline.demo import DemoConfig
     from pipeline.demo import demo as run_demo
 
-    _run(run_demo, DemoConfig(out=out, images=images, epochs=epochs))
+    _call(run_demo, D(out=out, images=images, epochs=epochs))
 
 
 @app.command()
@@ -219,7 +239,7 @@ def serve(
     from pipeline.serve import serve as run_serve
 
     cfg = ServeConfig(model=model, host=host, port=port, device=device, max_upload_mb=max_upload_mb)
-    _run(run_serve, cfg)
+    _call(run_serve, cfg)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ our training step, and the Markdown tables."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import math
@@ -11,7 +12,6 @@ import os
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
@@ -59,11 +59,14 @@ class Flickr:
 
 @lru_cache(maxsize=1)
 def flickr() -> Flickr:
-    from pipeline.datasets import _read_karpathy
-
-    entries = _read_karpathy(require_data(), Counter())
-    train = [e.captions for e in entries.values() if e.split == "train"]
-    return Flickr(train, [c for e in entries.values() for c in e.captions])
+    """The captions as extract reads them (`sentences[].raw`, whitespace collapsed, empty ones dropped,
+    `restval` counted as train), read from the Karpathy file directly: the benchmarks need the texts and
+    splits only, not extract's image-folder resolution."""
+    with gzip.open(require_data(), "rt", encoding="utf-8") as f:
+        images = json.load(f)["images"]
+    captions = [[" ".join(s["raw"].split()) for s in im["sentences"] if s.get("raw", "").strip()] for im in images]
+    train = [caps for im, caps in zip(images, captions, strict=True) if im.get("split") in ("train", "restval")]
+    return Flickr(train, [c for caps in captions for c in caps])
 
 
 VOCAB_RULES = {
@@ -294,8 +297,8 @@ def quiet() -> Iterator[io.StringIO]:
 
 
 class InMemory:
-    """Stands in for a FeatureStore in `Batches`: the same features copied into RAM as a numpy array
-    (the CPU counterpart of `Batches.make_resident`)."""
+    """Stands in for a FeatureStore in `Batches` (a `data.FeatureRows`): the same features copied into RAM as
+    a numpy array (the CPU counterpart of `Batches.make_resident`)."""
 
     def __init__(self, store: FeatureStore) -> None:
         self.features = np.array(store.features)
@@ -303,12 +306,8 @@ class InMemory:
     def __len__(self) -> int:
         return len(self.features)
 
-
-def feature_scale(features: np.ndarray, rows: np.ndarray, sample: int = 256) -> float:
-    """1 / RMS of up to `sample` rows, evenly spaced: what fit sets DecoderConfig.feature_scale to."""
-    pick = np.unique(rows[np.linspace(0, len(rows) - 1, min(sample, len(rows))).astype(int)])
-    rms = float(np.sqrt(np.mean(np.square(np.asarray(features[pick], dtype=np.float32)))))
-    return 1.0 / rms if rms > 0 else 1.0
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Nothing to read ahead: the rows are in RAM."""
 
 
 class OurTraining:
@@ -327,8 +326,9 @@ class OurTraining:
         seed: int = 0,
         amp: bool | None = None,  # fit's --amp: None = bf16 on CUDA only
     ) -> None:
-        from pipeline.data import Batches, CaptionIndex
+        from pipeline.data import Batches, CaptionIndex, feature_scale
         from pipeline.model import Decoder, DecoderConfig
+        from pipeline.train import TrainConfig, make_optimizer
         from pipeline.vocab import MAX_LEN
 
         rows = store.split_rows("train")
@@ -341,10 +341,11 @@ class OurTraining:
             self.batches.make_resident()
         torch.manual_seed(seed)
         cfg = DecoderConfig(vocab_size=len(vocab), feature_scale=feature_scale(store.features, rows))
+        from pipeline.loss import CaptionTraining
+
         self.model = Decoder(cfg).to(device)
         self.model.train()
-        from pipeline.train import TrainConfig, make_optimizer
-
+        self.module = CaptionTraining(self.model)
         self.optimizer = make_optimizer(self.model, 1e-3)
         self.cfg = TrainConfig(amp=amp)
         self.device, self.seed = device, seed
@@ -361,7 +362,7 @@ class OurTraining:
         from pipeline.train import train_step
 
         batch = next(self._batches)
-        self.loss_sum += train_step(self.model, self.optimizer, batch, self.cfg)
+        self.loss_sum += train_step(self.module, self.optimizer, batch, self.cfg)
         return batch.tokens.shape[0] * batch.tokens.shape[1]
 
     def close(self) -> None:

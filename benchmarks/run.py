@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_extract, bench_fit, bench_generate, bench_scaling, bench_serve, bench_store
+from benchmarks import bench_ddp, bench_extract, bench_fit, bench_generate, bench_scaling, bench_serve, bench_store
 from benchmarks.common import ROOT, BenchmarkError, Context, Table, require_data
+from pipeline.files import write_text_atomic
 
 SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "fit": bench_fit.run,
@@ -31,6 +32,7 @@ SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "generate": bench_generate.run,
     "store": bench_store.run,
     "serve": bench_serve.run,
+    "ddp": bench_ddp.run,
 }
 
 
@@ -122,9 +124,7 @@ def save(out: Path, key: str, entry: dict) -> None:
             data = {"runs": {}}
     data["runs"][key] = _clean(entry)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(data, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

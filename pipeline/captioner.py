@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import checkpoint
 from pipeline.decode import Decoded, beam_search
 from pipeline.encoder import WeightsInfo, build_encoder, encode
 from pipeline.errors import UserError
 from pipeline.model import Decoder
 from pipeline.store import DTYPES
-from pipeline.train import load_checkpoint, model_from_checkpoint
 from pipeline.transform import TransformConfig, normalize
 from pipeline.vocab import Vocabulary
 
@@ -47,8 +47,8 @@ class Captioner:
 
     @classmethod
     def load(cls, model_path: str | Path, device: torch.device) -> Captioner:
-        ckpt = load_checkpoint(model_path)
-        decoder, vocab = model_from_checkpoint(ckpt)
+        ckpt = checkpoint.load(model_path)
+        decoder, vocab = checkpoint.build_decoder(ckpt, model_path)
         ident = ckpt["store"]
         trunk, info = build_encoder(encoder_spec(ident))
         if not info.same_weights(WeightsInfo(ident.get("weights", ""), ident.get("weights_sha256", ""))):
@@ -58,7 +58,6 @@ class Captioner:
             )
         transform = TransformConfig.from_dict(json.loads(ident["transform"]))
         dtype = np.dtype(DTYPES[ident.get("dtype", "float16")])
-        max_steps = int(ckpt["train_config"].get("max_len", 20)) - 1
         return cls(
             decoder.to(device),
             vocab,
@@ -66,7 +65,7 @@ class Captioner:
             transform,
             dtype,
             device,
-            max_steps,
+            checkpoint.max_steps(ckpt),
             {k: ckpt[k] for k in ("epoch", "best", "metrics", "model_config", "train_config", "store") if k in ckpt},
         )
 

@@ -1,7 +1,9 @@
-"""Terminal output: warnings on stderr, a Rich progress bar on a TTY and plain lines elsewhere."""
+"""Terminal output: warnings on stderr, a Rich progress bar on a TTY and plain lines elsewhere, and the
+rendering of results that the library returns as data (evaluate's scores, generate's captions)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -16,14 +18,26 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
+
+from pipeline.metrics import METRIC_NAMES
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+_quiet = False  # info lines and progress off: the ranks other than 0 of a torchrun job
+
+
+def set_quiet(quiet: bool) -> bool:
+    """Silence (or restore) info lines and progress; warnings still print. Returns the previous setting."""
+    global _quiet
+    previous, _quiet = _quiet, quiet
+    return previous
 
 
 def info(message: str) -> None:
     """A line of normal output (stdout)."""
-    out.print(message, markup=False)
+    if not _quiet:
+        out.print(message, markup=False)
 
 
 def warn(message: str) -> None:
@@ -44,6 +58,9 @@ class _Rate:
 @contextmanager
 def progress(total: int, description: str, unit: str = "it") -> Iterator[callable]:
     """Yield ``advance(n)``; a live Rich bar with rate and ETA on a TTY, a line every ~10% otherwise."""
+    if _quiet:
+        yield lambda n=1, **fields: None
+        return
     if out.is_terminal:
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -84,3 +101,25 @@ def progress(total: int, description: str, unit: str = "it") -> Iterator[callabl
 
     yield advance_plain
     sys.stdout.flush()
+
+
+def print_scores(result: dict) -> None:
+    """evaluate's result as a table: each metric, the loss and the perplexity, the tokenizer."""
+    d = result["details"]
+    table = Table(title=f"{d['split']} split: {d['images']} images, beam {d['beam_size']}, epoch {d['epoch']}")
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for name in METRIC_NAMES:
+        if name in result["metrics"]:
+            table.add_row(name, f"{result['metrics'][name]:.4f}")
+    table.add_row("loss (masked, per token)", f"{d['loss']:.4f}")
+    table.add_row("perplexity", f"{d['perplexity']:.2f}")
+    table.caption = f"tokenizer: {d['tokenizer']}"
+    out.print(table)
+
+
+def caption_line(item: dict, as_json: bool = False) -> str:
+    """One of generate's captions as printed: `PATH: caption`, or the JSON object of `--json`."""
+    if as_json:
+        return json.dumps({"image": item["image"], "caption": item["caption"]})
+    return f"{item['image']}: {item['caption']}"

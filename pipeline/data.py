@@ -11,34 +11,43 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from pipeline.store import FeatureStore
 from pipeline.vocab import Vocabulary
+
+# Validation loss batches: 64 images x 5 captions keep the logits near 300 MB at an 18k-word vocabulary.
+VALIDATION_BATCH_IMAGES = 64
+VALIDATION_CAPTIONS = 5
 
 
 @dataclass
 class CaptionIndex:
-    """Encoded captions grouped by image row (CSR): captions of row r are ids[start[r]:start[r]+count[r]]."""
+    """Encoded captions grouped by image row (CSR): captions of row r are ids[start[r]:start[r]+count[r]],
+    and texts[start[r]:start[r]+count[r]] are the same captions as written."""
 
-    ids: np.ndarray  # (M, L) int32, sorted by owner row
+    ids: np.ndarray  # (M, L) int32, sorted by image row
     start: np.ndarray  # (N,) int64
     count: np.ndarray  # (N,) int64
+    texts: list[str]  # (M,) the captions as written, in the order of `ids`
 
     @classmethod
-    def build(cls, vocab: Vocabulary, texts: list[str], owners: np.ndarray, n_rows: int, max_len: int) -> CaptionIndex:
-        order = np.argsort(owners, kind="stable")
-        ids, _ = vocab.encode_batch([texts[i] for i in order], max_len)
-        count = np.bincount(owners, minlength=n_rows).astype(np.int64)
+    def build(
+        cls, vocab: Vocabulary, texts: list[str], caption_rows: np.ndarray, n_rows: int, max_len: int
+    ) -> CaptionIndex:
+        """`texts[i]` describes store row `caption_rows[i]` (the store's captions/text and captions/image)."""
+        order = np.argsort(caption_rows, kind="stable")
+        ordered = [texts[i] for i in order]
+        ids, _ = vocab.encode_batch(ordered, max_len)
+        count = np.bincount(caption_rows, minlength=n_rows).astype(np.int64)
         start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-        return cls(ids, start, count)
+        return cls(ids, start, count, ordered)
 
-    def texts(self, texts: list[str], owners: np.ndarray, rows: np.ndarray) -> list[list[str]]:
-        """The caption texts of each row (the references that evaluation scores against)."""
-        order = np.argsort(owners, kind="stable")  # the order `build` encoded them in
-        return [[texts[order[j]] for j in range(self.start[r], self.start[r] + self.count[r])] for r in rows]
+    def references(self, rows: np.ndarray) -> list[list[str]]:
+        """The caption texts of each row: what evaluation scores a generated caption against."""
+        return [self.texts[self.start[r] : self.start[r] + self.count[r]] for r in rows]
 
     def pick(self, rows: np.ndarray, k: int, rng: np.random.Generator | None) -> np.ndarray:
         """(len(rows), k) caption indices: k distinct captions per image when it has k, else repeats.
@@ -61,28 +70,65 @@ class Batch:
     features: torch.Tensor  # (B, 7, 7, D) store dtype, on the device
     tokens: torch.Tensor  # (B, G, T+1) int64 ids, trimmed to the longest caption in the batch
     rows: np.ndarray  # (B,) store rows
+    # The loss weight of this batch (loss.CaptionTraining): 1 in one process; under torchrun, the number of
+    # processes x this process's share of the step's target tokens.
+    weight: float = 1.0
+
+
+class FeatureRows(Protocol):
+    """What `Batches` reads features from: a FeatureStore, or a stand-in holding the same rows in RAM."""
+
+    @property
+    def features(self) -> np.ndarray: ...  # (N, 7, 7, D), a memory map or an array
+
+    def __len__(self) -> int: ...
+
+    def prefetch(self, rows: np.ndarray) -> None: ...  # a hint that these rows are read next
 
 
 class Batches:
     """Iterates training or validation batches; features from the memory map, or from a copy resident
-    on the device when one was made (`make_resident`)."""
+    on the device when one was made (`make_resident`).
+
+    Under torchrun, each of the `world` processes makes its own Batches with its `rank`: every process draws
+    the same permutation of the epoch (from (seed, epoch) alone) and cuts it into global batches of
+    batch_size x world images, exactly as one process with that batch size cuts it; process `rank` takes
+    images rank, rank + world, ... of each global batch. The shares are disjoint and together cover the
+    epoch, and every process runs the same number of steps (DDP needs that): a last global batch with fewer
+    images than processes joins the one before it (the other global batches are full, the last one of at
+    least `world` images may be smaller). One process (world 1) cuts the epoch as it always did."""
 
     def __init__(
         self,
-        store: FeatureStore,
+        store: FeatureRows,
         captions: CaptionIndex,
         rows: np.ndarray,
         batch_size: int,
         captions_per_image: int,
         device: torch.device,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.store, self.captions, self.rows = store, captions, np.asarray(rows)
-        self.batch_size, self.k, self.device = batch_size, captions_per_image, device
+        self.batch_size, self.captions_per_image, self.device = batch_size, captions_per_image, device
+        if not 0 <= rank < world or (world > 1 and len(self.rows) < world):
+            raise ValueError(f"{len(self.rows)} images cannot be shared by {world} processes (rank {rank})")
+        self.rank, self.world = rank, world
         self.resident: torch.Tensor | None = None  # features of self.rows, in self.rows order
         self._position: np.ndarray | None = None  # store row -> index into resident
 
     def __len__(self) -> int:
-        return (len(self.rows) + self.batch_size - 1) // self.batch_size
+        return len(self._bounds())
+
+    def _bounds(self) -> list[tuple[int, int]]:
+        """[start, end) of each global batch in the epoch's order of images."""
+        n, step = len(self.rows), self.batch_size * self.world
+        starts = list(range(0, n, step))
+        if not starts:
+            return []
+        if len(starts) > 1 and n - starts[-1] < self.world:
+            starts.pop()  # too few images for one per process: they join the global batch before
+        return list(zip(starts, [*starts[1:], n], strict=True))
 
     def make_resident(self, chunk: int = 1024) -> None:
         """Copy these rows' features to the device once; batches are then gathered there."""
@@ -99,21 +145,36 @@ class Batches:
         self._position[self.rows] = np.arange(len(self.rows))
 
     def plan(self, epoch: int | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The epoch's batches as (image rows, caption indices). epoch=None: fixed order, fixed captions."""
+        """This process's batches of the epoch as (image rows, caption indices). epoch=None: fixed order,
+        fixed captions."""
+        return [(rows, picks) for rows, picks, _ in self._steps(epoch, seed)]
+
+    def _steps(self, epoch: int | None, seed: int) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        """plan() with each batch's loss weight (Batch.weight)."""
         if epoch is None:
             rows, rng = self.rows, None
         else:
             rng = np.random.default_rng([seed, epoch])
             rows = self.rows[rng.permutation(len(self.rows))]
-        picks = self.captions.pick(rows, self.k, rng)
+        picks = self.captions.pick(rows, self.captions_per_image, rng)
         out = []
-        for i in range(0, len(rows), self.batch_size):
-            r, p = rows[i : i + self.batch_size], picks[i : i + self.batch_size]
+        for start, end in self._bounds():
+            r, p = rows[start:end], picks[start:end]
+            weight = 1.0
+            if self.world > 1:
+                tokens = self._targets(p)  # (global batch,) target tokens of each image's captions
+                r, p = r[self.rank :: self.world], p[self.rank :: self.world]
+                weight = self.world * float(tokens[self.rank :: self.world].sum()) / float(tokens.sum())
             order = np.argsort(r, kind="stable")  # ascending rows: the memory map is read front to back
-            out.append((r[order], p[order]))
+            out.append((r[order], p[order], weight))
         return out
 
-    def _load(self, rows: np.ndarray, picks: np.ndarray) -> Batch:
+    def _targets(self, picks: np.ndarray) -> np.ndarray:
+        """Target tokens (the loss's non-<pad> positions: every id after <start>) of each image's picked
+        captions."""
+        return (self.captions.ids[picks] != 0).sum(axis=(-2, -1)) - picks.shape[-1]
+
+    def _load(self, rows: np.ndarray, picks: np.ndarray, weight: float = 1.0) -> Batch:
         ids = self.captions.ids[picks]  # (B, G, L)
         longest = int((ids != 0).sum(-1).max())
         tokens = torch.from_numpy(ids[..., :longest].astype(np.int64))
@@ -121,20 +182,40 @@ class Batches:
             index = torch.from_numpy(self._position[rows]).to(self.device, non_blocking=True)
             feats = self.resident.index_select(0, index)
         else:
-            if hasattr(self.store, "prefetch"):
-                self.store.prefetch(rows)  # all rows requested from disk at once, not faulted in one by one
+            self.store.prefetch(rows)  # all rows requested from disk at once, not faulted in one by one
             feats = torch.from_numpy(self.store.features[rows])  # one fancy-indexed read of the map
             if self.device.type == "cuda":
                 feats = feats.pin_memory()
-        return Batch(feats.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True), rows)
+        features, tokens = feats.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
+        return Batch(features, tokens, rows, weight)
 
     def iterate(self, epoch: int | None, seed: int, prefetch: int = 4) -> Iterator[Batch]:
-        plan = self.plan(epoch, seed)
+        plan = self._steps(epoch, seed)
         if self.resident is not None:
-            for rows, picks in plan:
-                yield self._load(rows, picks)
+            for rows, picks, weight in plan:
+                yield self._load(rows, picks, weight)
             return
-        yield from _background((self._load(r, p) for r, p in plan), prefetch)
+        yield from _background((self._load(*step) for step in plan), prefetch)
+
+
+def validation_batches(
+    store: FeatureRows,
+    captions: CaptionIndex,
+    rows: np.ndarray,
+    device: torch.device,
+    batch_size: int = VALIDATION_BATCH_IMAGES,
+) -> Batches:
+    """The fixed validation captions of `rows` (the first VALIDATION_CAPTIONS of each image, in row order)
+    for `loss.validation_loss`, in batches of at least VALIDATION_BATCH_IMAGES images."""
+    return Batches(store, captions, rows, max(batch_size, VALIDATION_BATCH_IMAGES), VALIDATION_CAPTIONS, device)
+
+
+def feature_scale(features: np.ndarray, rows: np.ndarray, sample: int = 256) -> float:
+    """1 / RMS of (up to) `sample` rows' features, evenly spaced over `rows`: what fit sets
+    DecoderConfig.feature_scale to, from the training rows."""
+    pick = np.unique(rows[np.linspace(0, len(rows) - 1, min(sample, len(rows))).astype(int)])
+    rms = float(np.sqrt(np.mean(np.square(np.asarray(features[pick], dtype=np.float32)))))
+    return 1.0 / rms if rms > 0 else 1.0
 
 
 def _background(items: Iterator, depth: int) -> Iterator:

@@ -12,12 +12,12 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from pipeline.console import info
+from pipeline.config import DemoConfig
+from pipeline.console import caption_line, info, print_scores
 from pipeline.encoder import NAMED_WEIGHTS, _imagenet_file
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
@@ -31,16 +31,6 @@ TEMPLATES = (
     "the {c} {s} is {p} .",
     "one {c} {s} {p} of the image .",
 )
-
-
-@dataclass
-class DemoConfig:
-    out: Path = Path("cache/demo")
-    images: int = 480
-    epochs: int = 12
-    size: int = 224
-    seed: int = 0
-    weights: str | None = None  # None: ImageNet V1 when cached, else none
 
 
 def draw_sample(rng: random.Random, size: int) -> tuple[Image.Image, str, str, str]:
@@ -143,6 +133,7 @@ def demo(cfg: DemoConfig) -> dict:
     result = evaluate(
         EvaluateConfig(model=cfg.out / "model.pt", store=store, out=cfg.out / "scores.json", device="cpu")
     )
+    print_scores(result)
     data = json.loads(captions.read_text(encoding="utf-8"))["images"]
     truth = {f"{e['filepath']}/{e['filename']}": e["attributes"] for e in data}
     info("\nhow often a test caption names the right attribute (chance = a random guess):")
@@ -153,9 +144,10 @@ def demo(cfg: DemoConfig) -> dict:
         info(f"  {c['image']}: {c['caption']!r}   (reference: {c['references'][0]!r})")
     first = cfg.out / result["captions"][0]["image"]
     info("\ngenerate on one test image, with its attention figure:")
-    generate(
+    for item in generate(
         GenerateConfig(images=[first], model=cfg.out / "model.pt", attention=cfg.out / "attention.png", device="cpu")
-    )
+    ):
+        info(caption_line(item))
     info(
         f"demo done in {time.perf_counter() - start:.0f}s: figure at {cfg.out / 'attention.png'}, "
         f"scores at {cfg.out / 'scores.json'}"

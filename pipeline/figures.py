@@ -1,4 +1,8 @@
-"""Attention figures: the photo, then one panel per generated word with its 7x7 attention upsampled."""
+"""Figures, drawn with matplotlib's Agg backend (no display needed) and written atomically:
+
+- attention: the photo, then one panel per generated word with its 7x7 attention upsampled;
+- training curves: fit's `OUT/curves.png`, redrawn from metrics.jsonl's records after each epoch.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,36 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.files import atomic_write
+
 # How attention is drawn over the photo, here and on the `serve` page (which gets the colours from the server).
 COLORMAP = "jet"
 OVERLAY_ALPHA = 0.5
 
 
-def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, path: Path, size: int = 224) -> Path:
-    """Write a PNG with 1 + len(words) panels; alphas (len(words), 49). Uses matplotlib's Agg backend."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path, dpi: int) -> Path:
+    """PNG at `path`, atomically (a figure is never seen half-written)."""
+    plt = _pyplot()
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, path: Path, size: int = 224) -> Path:
+    """Write a PNG with 1 + len(words) panels; alphas (len(words), 49)."""
+    plt = _pyplot()
     photo = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
     grid = int(round(math.sqrt(alphas.shape[-1]))) if len(words) else 7
     panels = 1 + len(words)
@@ -43,9 +65,38 @@ def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, p
         ax.set_title(word, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=80)
+
+
+def training_curves(records: list[dict], path: Path) -> Path:
+    """fit's curves from metrics.jsonl's records: train and validation loss, validation CIDEr-D (when
+    decoded), and training samples/s, one point per epoch."""
+    plt = _pyplot()
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        points = [(e, v) for e, v in points if math.isfinite(v)]
+        return [e for e, _ in points], [v for _, v in points]
+
+    fig, (loss_ax, cider_ax, speed_ax) = plt.subplots(1, 3, figsize=(11, 3.2))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        loss_ax.plot(*series(key), marker=".", label=label)
+    loss_ax.set(title="loss (masked cross-entropy)", xlabel="epoch")
+    loss_ax.legend()
+    cider_ax.plot(*series("val_cider_d"), marker=".", color="tab:green")
+    cider_ax.set(title="validation CIDEr-D", xlabel="epoch")
+    if not series("val_cider_d")[0]:
+        cider_ax.text(0.5, 0.5, "not decoded\n(--val-decode-images 0)", ha="center", va="center",
+                      transform=cider_ax.transAxes, color="grey")
+    epochs, speed = series("samples_per_second")
+    speed_ax.plot(epochs, speed, marker=".", color="tab:purple")
+    speed_ax.set(title="training samples/s", xlabel="epoch")
+    speed_ax.set_ylim(0, 1.15 * max(speed, default=1.0))
+    for ax in (loss_ax, cider_ax, speed_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    return _save(fig, path, dpi=80)
 
 
 def colormap_table(n: int = 256) -> list[list[int]]:

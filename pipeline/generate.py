@@ -1,15 +1,18 @@
-"""`generate`: caption photos with a trained model, optionally with attention figures."""
+"""`generate`: caption photos with a trained model, optionally with attention figures.
+
+`generate` is a generator: it yields each caption as soon as it is made, and the caller prints it
+(`cli.py`) or returns it (a web page).
+"""
 
 from __future__ import annotations
 
-import json
-import sys
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from pipeline.captioner import Captioner
+from pipeline.config import GenerateConfig
 from pipeline.console import warn
 from pipeline.datasets import IMAGE_SUFFIXES
 from pipeline.errors import UserError, describe
@@ -17,16 +20,7 @@ from pipeline.figures import attention_figure
 from pipeline.runtime import resolve_device
 from pipeline.transform import DECODE_ERRORS, open_image, resize_uint8
 
-
-@dataclass
-class GenerateConfig:
-    images: list[Path] = field(default_factory=list)
-    model: Path = Path("cache/model.pt")
-    beam_size: int = 3
-    attention: Path | None = None
-    json: bool = False
-    device: str = "auto"
-    batch_size: int = 16
+__all__ = ["GenerateConfig", "generate", "expand_images"]
 
 
 def expand_images(paths: list[Path]) -> list[Path]:
@@ -54,8 +48,10 @@ def figure_path(base: Path, image: Path, index: int, many: bool, used: set[Path]
     return path
 
 
-def generate(cfg: GenerateConfig) -> list[dict]:
-    """Caption every image; one bad image among several is reported and skipped."""
+def generate(cfg: GenerateConfig) -> Iterator[dict]:
+    """Caption every image, yielding {"image": PATH, "caption": TEXT} (and "attention": FIGURE with
+    `cfg.attention`) per image, in order. One bad image among several is reported and skipped; a single
+    bad image, or none readable, is a UserError."""
     if not cfg.images:
         raise UserError("give at least one --image (a file or a folder)")
     if cfg.beam_size < 1:
@@ -68,11 +64,10 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         raise UserError(f"image not found: {paths[0]}")
     device = resolve_device(cfg.device)
     captioner = Captioner.load(cfg.model, device)
-    results, failed, used = [], [], set()
+    captioned, failed, used = 0, [], set()
     for start in range(0, len(paths), cfg.batch_size):
-        chunk = paths[start : start + cfg.batch_size]
         opened = []
-        for p in chunk:
+        for p in paths[start : start + cfg.batch_size]:
             try:
                 opened.append((p, open_image(p, captioner.transform)))
             except (*DECODE_ERRORS, FileNotFoundError) as e:
@@ -83,22 +78,14 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         if not opened:
             continue
         pixels = torch.stack([resize_uint8(img, captioner.transform) for _, img in opened])
-        decoded = captioner.caption(pixels, cfg.beam_size)
-        for (p, img), d in zip(opened, decoded, strict=True):
-            text = captioner.vocab.decode(d.tokens)
-            result = {"image": str(p), "caption": text}
+        for (p, img), d in zip(opened, captioner.caption(pixels, cfg.beam_size), strict=True):
+            item = {"image": str(p), "caption": captioner.vocab.decode(d.tokens)}
             if cfg.attention is not None:
-                fig = figure_path(cfg.attention, p, start + len(results), not single, used)
-                attention_figure(img, captioner.words(d), d.attention, fig)
-                result["attention"] = str(fig)
-            results.append(result)
-            if cfg.json:
-                print(json.dumps({"image": result["image"], "caption": text}), flush=True)
-            else:
-                print(f"{p}: {text}", flush=True)
+                fig = figure_path(cfg.attention, p, start + captioned, not single, used)
+                item["attention"] = str(attention_figure(img, captioner.words(d), d.attention, fig))
+            captioned += 1
+            yield item
     if failed:
-        warn(f"{len(failed)} of {len(paths)} images could not be read; {len(results)} captioned")
-    if not results:
+        warn(f"{len(failed)} of {len(paths)} images could not be read; {captioned} captioned")
+    if not captioned:
         raise UserError("none of the images could be read")
-    sys.stdout.flush()
-    return results

@@ -17,6 +17,8 @@ from functools import lru_cache
 
 from pipeline.errors import UserError
 
+METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")  # as in --out's JSON
+
 # pycocoevalcap's PTBTokenizer drops these tokens after tokenising
 _PUNCTUATION = {
     "''",

@@ -21,7 +21,10 @@ Every tensor carries a group axis G: G captions (training with several captions 
 
 Show, Attend and Tell options (off by default = the report's model): h0/c0 from the mean feature,
 dropout before the output layer, the gating scalar beta on the context. The doubly stochastic attention
-penalty is a loss term and lives in training.
+penalty is a loss term: it lives with the losses, in pipeline/loss.py.
+
+The layer sizes come in named presets, as timm names its test models: "report" (the default) and "tiny",
+a narrow decoder that the tests and smoke runs select by name (`fit --decoder tiny`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,21 @@ class DecoderConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def preset(cls, name: str, **kw) -> DecoderConfig:
+        """The layer sizes of preset `name` (see DECODER_PRESETS) with the other fields from `kw`."""
+        if name not in DECODER_PRESETS:
+            raise ValueError(f"unknown decoder {name!r} (known: {', '.join(DECODER_PRESETS)})")
+        return cls(**(DECODER_PRESETS[name] | kw))
+
+
+# Layer sizes by name. "report" is the report's decoder; "tiny" keeps the 2048 feature channels of the store
+# and narrows the rest, so that the tests train many epochs within a CPU budget.
+DECODER_PRESETS: dict[str, dict[str, int]] = {
+    "report": {"embed_dim": 300, "hidden_dim": 512, "attention_dim": 256},
+    "tiny": {"embed_dim": 16, "hidden_dim": 32, "attention_dim": 16},
+}
 
 
 @dataclass
@@ -198,18 +216,6 @@ class Decoder(nn.Module):
             hs.append(h)
             alphas.append(alpha)
         return torch.stack(hs, dim=2), torch.stack(alphas, dim=2)  # (B, G, T, H), (B, G, T, P)
-
-
-def masked_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """Mean cross-entropy over the tokens that are not <pad>."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_id)
-
-
-def attention_penalty(alphas: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """Show, Attend and Tell's doubly stochastic regulariser: each cell's attention summed over the
-    real steps should be close to 1. alphas (B, G, T, P), targets (B, G, T)."""
-    mask = (targets != pad_id).unsqueeze(-1).to(alphas.dtype)
-    return ((1.0 - (alphas * mask).sum(dim=2)) ** 2).mean()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,121 +1,167 @@
-"""`fit`: train the decoder alone from the memory-mapped store; checkpoints, resume, metrics."""
+"""`fit`: train the decoder alone from the memory-mapped store, in one process or under torchrun.
+
+`fit` is the loop. What it is built from: `prepare` (store, vocabulary, encoded captions), `build_model`,
+`make_optimizer`/`make_scheduler`, `train_epoch` (one pass, `train_step` per batch), `validate` (loss,
+CIDEr-D, a sample caption), `Best` (which epoch model.pt holds), and `save_epoch` (the run's files, through
+pipeline/checkpoint.py and pipeline/history.py).
+
+Under torchrun (pipeline/distributed.py) every rank runs the same loop on its share of each global batch
+(`data.Batches`), with the training module wrapped in DistributedDataParallel; rank 0 alone looks at and
+writes OUT, and validation is split across the ranks and gathered. In one process none of that exists: no
+process group, no wrapper, the same arithmetic as before.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.console import info, progress, warn
-from pipeline.data import Batches, CaptionIndex
+from pipeline import checkpoint, history
+from pipeline.config import TrainConfig
+from pipeline.console import info, progress
+from pipeline.data import Batches, CaptionIndex, feature_scale, validation_batches
 from pipeline.decode import decode_rows
+from pipeline.distributed import Dist, session
 from pipeline.errors import UserError, describe
-from pipeline.model import Decoder, DecoderConfig, attention_penalty, count_parameters
-from pipeline.runtime import autocast, resolve_device
-from pipeline.store import FeatureStore, encoder_diffs
-from pipeline.vocab import MAX_LEN, Vocabulary
+from pipeline.figures import training_curves
+from pipeline.loss import CaptionTraining, caption_loss, validation_sums
+from pipeline.model import DECODER_PRESETS, Decoder, DecoderConfig, count_parameters
+from pipeline.runtime import autocast
+from pipeline.store import FeatureStore
+from pipeline.vocab import Vocabulary
 
-CHECKPOINT_FORMAT = 1
+__all__ = ["TrainConfig", "fit", "prepare", "train_step", "make_optimizer", "build_model"]
+
+# What a resumed run takes from last.pt's train_config instead of from the command line, and why:
+RESUMED_KEYS = (
+    # what defines the model and its data: the saved weights only fit these
+    "decoder",
+    "min_word_count",
+    "max_len",
+    "init_from_features",
+    "dropout",
+    "gate",
+    "feature_scale",
+    # what defines the training trajectory: resumed, the run must end where an uninterrupted one ends
+    "seed",
+    "batch_size",
+    "lr",
+    "grad_clip",
+    "lr_step",
+    "lr_gamma",
+    "captions_per_image",
+    "attention_penalty",
+    # how model.pt is chosen: CIDEr-D and loss scores of different epochs must not be compared
+    "val_decode_images",
+    "val_beam_size",
+)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What fit writes in OUT."""
+
+    out: Path
+
+    @property
+    def model(self) -> Path:
+        return self.out / "model.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def curves(self) -> Path:
+        return self.out / "curves.png"
 
 
 @dataclass
-class TrainConfig:
-    store: str = "cache/features.h5"
-    out: str = "cache"
-    epochs: int = 50
-    batch_size: int = 32  # images per batch (each with captions_per_image captions)
-    lr: float = 1e-3
-    resume: bool = False
-    device: str = "auto"
-    seed: int = 0
-    min_word_count: int = 5
-    captions_per_image: int = 1
-    max_len: int = MAX_LEN
-    grad_clip: float = 5.0  # 0 disables
-    lr_step: int = 0  # StepLR step size in epochs; 0 = constant lr (the report's 100 never fires in 50)
-    lr_gamma: float = 0.1
-    amp: bool | None = None  # bf16 autocast; None: on CUDA only (on CPU it is opt-in: not every CPU has bf16)
-    compile: bool = False
-    resident: str = "auto"  # keep training features on the GPU: auto | yes | no
-    # Show, Attend and Tell options (see pipeline/model.py); attention_penalty is its lambda
-    init_from_features: bool = False
-    dropout: float = 0.0
-    gate: bool = False
-    attention_penalty: float = 0.0
-    feature_scale: bool = True  # scale features to RMS 1 (see DecoderConfig.feature_scale)
-    # validation decoding (CIDEr-D) for choosing model.pt; 0 images = choose by validation loss
-    val_decode_images: int = 1000
-    val_beam_size: int = 1
+class TrainingData:
+    """The store and what fit derives from it before the first step."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Run:
-    """Everything fit builds before the first step."""
-
-    cfg: TrainConfig
     store: FeatureStore
     vocab: Vocabulary
     captions: CaptionIndex
     train_rows: np.ndarray
     val_rows: np.ndarray
-    device: torch.device
-    texts: list[str] = field(default_factory=list)  # every caption, read from the store once
-    owners: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    """torch.save to a temp file, fsync, rename: a kill at any moment leaves the old file intact."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@dataclass(frozen=True)
+class Best:
+    """The epoch model.pt holds: the highest score (validation CIDEr-D, or minus the validation loss when
+    no captions are decoded); a tie (CIDEr-D is often 0 for the first epochs) goes to the lower loss."""
+
+    metric: str = ""  # "val_cider_d" or "neg_val_loss"
+    score: float = -math.inf
+    val_loss: float = math.inf
+    epoch: int = 0  # 0: none yet
+
+    @classmethod
+    def of(cls, record: dict) -> Best:
+        if "val_cider_d" in record:
+            return cls("val_cider_d", record["val_cider_d"], record["val_loss"], record["epoch"])
+        return cls("neg_val_loss", -record["val_loss"], record["val_loss"], record["epoch"])
+
+    def beaten_by(self, other: Best) -> bool:
+        return (other.score, -other.val_loss) > (self.score, -self.val_loss)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Best:
+        # checkpoints written before this class stored minus the validation loss as "tiebreak"
+        val_loss = d["val_loss"] if "val_loss" in d else -d.get("tiebreak", -math.inf)
+        return cls(str(d["metric"]), float(d["score"]), float(val_loss), int(d["epoch"]))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip, pickle and weights_only errors all mean "not a checkpoint of ours"
-        raise UserError(f"cannot read checkpoint {path}: {describe(e)}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a checkpoint written by fit")
-    return ckpt
+@dataclass
+class TrainingState:
+    """What the epochs change, and what last.pt saves so that --resume continues exactly."""
+
+    model: Decoder
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    epoch: int = 0  # epochs done
+    best: Best = Best()
+    records: list[dict] = dataclasses.field(default_factory=list)  # metrics.jsonl: one record per epoch done
+
+    def end_epoch(self, record: dict) -> bool:
+        """Count the epoch of `record` as done; True when it is the best so far (model.pt is then replaced)."""
+        self.epoch = record["epoch"]
+        self.records.append(record)
+        candidate = Best.of(record)
+        if self.best.beaten_by(candidate):
+            self.best = candidate
+            return True
+        return False
 
 
-def model_from_checkpoint(ckpt: dict) -> tuple[Decoder, Vocabulary]:
-    model = Decoder(DecoderConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, Vocabulary.from_list(ckpt["vocab"])
+@dataclass
+class Validation:
+    """What each epoch is validated on, fixed for the run. Under torchrun each rank holds its share of the
+    validation images' batches and decodes its share of `decode_rows`."""
+
+    batches: Batches  # the validation images' first 5 captions, for the loss (this rank's share)
+    decode_rows: np.ndarray  # images decoded for CIDEr-D (none: choose by loss), all of them
+    references: list[list[str]]  # their captions
+    sample_row: int  # the image whose caption is printed each epoch
+    sample_name: str
 
 
-def _open_store(cfg: TrainConfig) -> FeatureStore:
-    store = FeatureStore(cfg.store)
-    if not store.complete:
-        pending = int((store.status == 0).sum())
-        raise UserError(f"{cfg.store} is incomplete ({pending} images pending): rerun the same extract to finish it")
-    if len(store.caption_image) == 0:
-        raise UserError(f"{cfg.store} holds no captions")
-    if len(store.split_rows("train")) == 0:
-        raise UserError(f"{cfg.store} has no training images (no image in the train split)")
-    return store
-
-
-def prepare(cfg: TrainConfig, vocab_words: list[str] | None = None) -> Run:
-    """Open the store, build (or reuse) the vocabulary from the train split, index the captions."""
+def check_config(cfg: TrainConfig) -> None:
+    """Values that no training can start from, refused before any work."""
     for name, value, low in (
         ("epochs", cfg.epochs, 1),
         ("batch-size", cfg.batch_size, 1),
@@ -126,36 +172,60 @@ def prepare(cfg: TrainConfig, vocab_words: list[str] | None = None) -> Run:
             raise UserError(f"--{name} must be at least {low}")
     if cfg.lr <= 0:
         raise UserError("--lr must be positive")
-    device = resolve_device(cfg.device)
-    store = _open_store(cfg)
-    texts, owners = store.caption_text, store.caption_image
+    if cfg.decoder not in DECODER_PRESETS:
+        raise UserError(f"unknown --decoder {cfg.decoder!r} (known: {', '.join(DECODER_PRESETS)})")
+
+
+def open_store(path: str | Path) -> FeatureStore:
+    """The store, when fit can train from it: complete, with captions and training images."""
+    store = FeatureStore(path)
+    if not store.complete:
+        pending = int((store.status == 0).sum())
+        raise UserError(f"{path} is incomplete ({pending} images pending): rerun the same extract to finish it")
+    if len(store.caption_image) == 0:
+        raise UserError(f"{path} holds no captions")
+    if len(store.split_rows("train")) == 0:
+        raise UserError(f"{path} has no training images (no image in the train split)")
+    return store
+
+
+def prepare(cfg: TrainConfig) -> TrainingData:
+    """Open the store, build the vocabulary from the train split, encode and index the captions."""
+    store = open_store(cfg.store)
+    texts, caption_rows = store.caption_text, store.caption_image
     train_rows, val_rows = store.split_rows("train"), store.split_rows("val")
-    if vocab_words is None:
-        vocab = train_vocabulary(texts, owners, train_rows, cfg.min_word_count)
-    else:
-        vocab = Vocabulary.from_list(vocab_words)
-    captions = CaptionIndex.build(vocab, texts, owners, len(store), cfg.max_len)
-    return Run(cfg, store, vocab, captions, train_rows, val_rows, device, texts, owners)
+    vocab = train_vocabulary(texts, caption_rows, train_rows, cfg.min_word_count)
+    captions = CaptionIndex.build(vocab, texts, caption_rows, len(store), cfg.max_len)
+    return TrainingData(store, vocab, captions, train_rows, val_rows)
 
 
-def train_vocabulary(texts: list[str], owners: np.ndarray, train_rows: np.ndarray, min_count: int) -> Vocabulary:
-    """The vocabulary of the captions of the training images only."""
-    is_train = np.zeros(int(max(owners.max(initial=-1), train_rows.max(initial=-1))) + 1, dtype=bool)
+def train_vocabulary(
+    texts: list[str], caption_rows: np.ndarray, train_rows: np.ndarray, min_count: int
+) -> Vocabulary:
+    """The vocabulary of the captions of the training images only (`texts[i]` describes `caption_rows[i]`)."""
+    is_train = np.zeros(int(max(caption_rows.max(initial=-1), train_rows.max(initial=-1))) + 1, dtype=bool)
     is_train[train_rows] = True
-    return Vocabulary.build((t for t, o in zip(texts, owners, strict=True) if is_train[o]), min_count)
+    return Vocabulary.build((t for t, r in zip(texts, caption_rows, strict=True) if is_train[r]), min_count)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """The config of a resumed run: `cfg` (epochs, device, out, amp... from the command line) with the
+    RESUMED_KEYS of the checkpoint's train_config. `cfg` itself is not changed."""
+    return dataclasses.replace(cfg, **{k: saved[k] for k in RESUMED_KEYS if k in saved})
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def build_model(cfg: TrainConfig, vocab_size: int, scale: float) -> Decoder:
+    """The decoder a new run trains, initialised from torch's RNG (fit seeds it first)."""
+    return Decoder(
+        DecoderConfig.preset(
+            cfg.decoder,
+            vocab_size=vocab_size,
+            init_from_features=cfg.init_from_features,
+            dropout=cfg.dropout,
+            gate=cfg.gate,
+            feature_scale=scale,
+        )
+    )
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -167,68 +237,253 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=lr)
 
 
-def train_step(model: Decoder, optimizer: torch.optim.Optimizer, batch, cfg: TrainConfig, loss_fn=None) -> torch.Tensor:
-    """One optimisation step on a batch; returns the (detached) masked loss. fit and the benchmarks use it."""
-    device = batch.features.device
-    with autocast(device, cfg.amp):
-        total, loss = (loss_fn or _loss)(model, batch.features, batch.tokens, cfg.attention_penalty)
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.StepLR:
+    """StepLR every `lr_step` epochs; lr_step 0 keeps the rate constant."""
+    return torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=max(cfg.lr_step, 1), gamma=cfg.lr_gamma if cfg.lr_step > 0 else 1.0
+    )
+
+
+def train_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: TrainConfig) -> torch.Tensor:
+    """One optimisation step on a batch; returns the (detached) masked loss times the batch's weight (the
+    loss itself in one process). `module` is a loss.CaptionTraining (DDP-wrapped under torchrun). fit and the
+    benchmarks use it."""
+    with autocast(batch.features.device, cfg.amp):
+        total, loss = module(batch.features, batch.tokens, batch.weight)
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    total.backward()  # under DDP: the gradients are averaged over the ranks here
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
     optimizer.step()
-    return loss.detach()
+    return loss.detach() if batch.weight == 1.0 else loss.detach() * batch.weight
 
 
-def _loss(
-    model: Decoder, features: torch.Tensor, tokens: torch.Tensor, penalty: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked cross-entropy (and the SAT penalty). The output layer, the largest matmul at a real
-    vocabulary size, runs on the non-<pad> steps only, and the recurrence stops for each image when its
-    captions end: the same loss as masking full (B, G, T, V) logits."""
-    inputs, targets = tokens[..., :-1], tokens[..., 1:]
-    # Images by decreasing caption length, so that step t runs only the images that still have words:
-    # the loss is a mean over tokens, so the order does not change it.
-    lengths = (targets != 0).sum(-1).amax(-1)  # (B,) steps each image needs
-    order = torch.argsort(lengths, descending=True, stable=True)
-    features, inputs, targets, lengths = features[order], inputs[order], targets[order], lengths[order]
-    steps = torch.arange(inputs.shape[-1], device=lengths.device)
-    active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()
-    hidden, alphas = model.recurrence(features, inputs, active)
-    keep = targets != 0
-    loss = torch.nn.functional.cross_entropy(model.head(hidden[keep]).float(), targets[keep])
-    total = loss + penalty * attention_penalty(alphas, targets) if penalty > 0 else loss
-    return total, loss
+def train_epoch(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Batches,
+    epoch: int,
+    cfg: TrainConfig,
+    dist: Dist | None = None,
+) -> dict:
+    """One pass over the training images: train_loss (mean over steps of the step's loss), seconds (the pass
+    alone) and samples_per_second (captions, of all the ranks)."""
+    dist = dist or Dist()
+    module.train()
+    device = batches.device
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per batch
+    samples = 0
+    with progress(len(batches), f"epoch {epoch}/{cfg.epochs}", unit="batch") as advance:
+        for batch in batches.iterate(epoch, cfg.seed):
+            loss_sum += train_step(module, optimizer, batch, cfg)
+            samples += batch.tokens.shape[0] * batch.tokens.shape[1]
+            advance(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    # Under torchrun each rank's losses carry its token share x world: their sum over the ranks, over world,
+    # is the step's loss. One process: the sum and the count as they are.
+    total, samples = dist.sum(float(loss_sum), samples)
+    record = {"train_loss": total / (len(batches) * dist.world), "seconds": seconds}
+    record["samples_per_second"] = samples / seconds
+    if dist.enabled:
+        record["processes"] = dist.world
+    return record
+
+
+def validation_set(data: TrainingData, cfg: TrainConfig, dist: Dist) -> Validation:
+    decode = data.val_rows[: cfg.val_decode_images] if cfg.val_decode_images > 0 else data.val_rows[:0]
+    sample_row = int(data.val_rows[0]) if len(data.val_rows) else int(data.train_rows[0])
+    return Validation(
+        validation_batches(data.store, data.captions, dist.part(data.val_rows), dist.device, cfg.batch_size),
+        decode,
+        data.captions.references(decode),  # read once, not every epoch
+        sample_row,
+        data.store.images[sample_row],
+    )
 
 
 @torch.no_grad()
-def validation_loss(model: Decoder, batches: Batches, device: torch.device, amp: bool | None = None) -> float:
-    """Mean masked cross-entropy per token over the fixed validation captions."""
+def validate(model: Decoder, data: TrainingData, val: Validation, cfg: TrainConfig, dist: Dist | None = None) -> dict:
+    """val_loss and val_perplexity, val_cider_d (greedy captions of the decoded images, when there are
+    any), and `sample`: the caption of the sample image. Under torchrun the ranks share the work (losses
+    summed, captions gathered in order) and every rank returns rank 0's record."""
+    from pipeline.metrics import cider_d  # pycocoevalcap: imported when first needed
+
+    dist = dist or Dist()
     model.eval()
-    total, tokens = 0.0, 0
-    for batch in batches.iterate(None, 0):
-        with autocast(device, amp):
-            _, loss = _loss(model, batch.features, batch.tokens, 0.0)
-        n = int((batch.tokens[..., 1:] != 0).sum())
-        total += float(loss) * n
-        tokens += n
-    return total / max(tokens, 1)
+    device, steps = val.batches.device, cfg.max_len - 1
+    total, tokens = dist.sum(*validation_sums(model, val.batches, cfg.amp))
+    record = {"val_loss": total / max(tokens, 1) if len(data.val_rows) else float("nan")}
+    record["val_perplexity"] = math.exp(min(record["val_loss"], 50))
+    if len(val.decode_rows):
+        mine = decode_rows(model, data.store.features, dist.part(val.decode_rows), device, cfg.val_beam_size, steps)
+        decoded = dist.gather_sequences([d.tokens for d in mine], steps)  # padded for the gather, in row order
+        if dist.is_main:
+            record["val_cider_d"] = cider_d([data.vocab.decode(d) for d in decoded], val.references)
+    if dist.is_main:
+        sample = decode_rows(model, data.store.features, np.array([val.sample_row]), device, 1, steps)[0]
+        record["sample"] = data.vocab.decode(sample.tokens)
+    return dist.broadcast(record)
 
 
-def _check_resume(ckpt: dict, run: Run, path: Path) -> None:
-    ident = run.store.identity()
-    theirs = ckpt.get("store", {})
-    diffs = encoder_diffs(theirs, ident)
-    if diffs:
-        raise UserError(
-            f"{path} was trained on a store made differently ({', '.join(diffs)} differ from {run.cfg.store})"
+def fit(cfg: TrainConfig) -> dict:
+    """Train for `cfg.epochs` epochs in total (resumed epochs included). After each epoch: OUT/metrics.jsonl,
+    OUT/model.pt when the epoch is the best so far, OUT/last.pt, OUT/curves.png. Returns the last epoch's
+    metrics ({} when last.pt already had every epoch).
+
+    Under torchrun: every rank trains; rank 0 alone reads and writes OUT. Whatever it refuses, it refuses
+    before anything is written, and every rank stops with the same error."""
+    check_config(cfg)
+    with session(cfg.device) as dist:
+        files = RunFiles(Path(cfg.out))
+        # OUT is rank 0's: it makes the refusals and reads last.pt; the others get the same checkpoint (no
+        # need for OUT to be visible from every node) or raise the same error.
+        ckpt = dist.decide(lambda: _load_last(files) if cfg.resume else _refuse_earlier_run(files))
+        if ckpt is not None:
+            cfg = resume_config(cfg, ckpt["train_config"])
+        data = dist.check(lambda: _prepare_checked(cfg, ckpt, files, dist.world))
+        if ckpt is None:
+            state = start(cfg, data, dist.device)
+        else:
+            state = resume(ckpt, cfg, files, dist.device)
+            if dist.is_main:
+                state.records = resumed_history(ckpt, files)
+            if state.epoch >= cfg.epochs:
+                info(f"{files.last} already has {state.epoch} epochs (asked for {cfg.epochs}): nothing to do")
+                return {}
+            info(f"resuming from {files.last} after epoch {state.epoch}")
+        if dist.is_main:
+            files.out.mkdir(parents=True, exist_ok=True)
+        return run_epochs(state, data, cfg, files, dist)
+
+
+def _prepare_checked(cfg: TrainConfig, ckpt: dict | None, files: RunFiles, world: int) -> TrainingData:
+    """prepare(), and what this rank's store must satisfy: last.pt's features and vocabulary on --resume,
+    at least one training image per process."""
+    data = prepare(cfg)
+    if ckpt is not None:
+        _check_resumable(ckpt, data, files.last)
+    if len(data.train_rows) < world:
+        raise UserError(f"{len(data.train_rows)} training images cannot be shared by {world} processes")
+    return data
+
+
+def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files: RunFiles, dist: Dist) -> dict:
+    """The loop: epochs state.epoch + 1 .. cfg.epochs, each trained, validated and (by rank 0) saved. Returns
+    the last epoch's metrics."""
+    device = dist.device
+    train = Batches(
+        data.store, data.captions, data.train_rows, cfg.batch_size, cfg.captions_per_image, device,
+        rank=dist.rank, world=dist.world,
+    )
+    if _fits_on_gpu(cfg, train, device):
+        train.make_resident()
+    val = validation_set(data, cfg, dist)
+    loss_fn = torch.compile(caption_loss) if cfg.compile else caption_loss
+    module = dist.wrap(CaptionTraining(state.model, cfg.attention_penalty, loss_fn))
+    info(
+        f"fit: {len(data.train_rows)} train / {len(data.val_rows)} val images, vocabulary {len(data.vocab)}, "
+        f"{count_parameters(state.model) / 1e6:.1f}M parameters, device {device}"
+        + (", features resident on the GPU" if train.resident is not None else "")
+        + (
+            f", {dist.world} processes (global batch {cfg.batch_size * dist.world} images)"
+            if dist.enabled
+            else ""
         )
-    rebuilt = train_vocabulary(run.texts, run.owners, run.train_rows, ckpt["train_config"]["min_word_count"])
-    if rebuilt.to_list() != ckpt["vocab"]:
-        raise UserError(f"{path} has a vocabulary that does not match the captions of {run.cfg.store}")
+    )
+    record: dict = {}
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        dist.seed_epoch(cfg.seed, epoch)
+        record = {"epoch": epoch} | train_epoch(module, state.optimizer, train, epoch, cfg, dist)
+        state.scheduler.step()
+        record["lr"] = state.optimizer.param_groups[0]["lr"]
+        record |= validate(state.model, data, val, cfg, dist)
+        # every rank gets the same record (losses all-reduced, rank 0's validation broadcast) and the same
+        # best so far (restored from the same last.pt): the best-epoch choice is the same on every rank
+        is_best = state.end_epoch(record)
+        if dist.is_main:
+            save_epoch(files, state, data, cfg, is_best)
+            info(_epoch_line(record, is_best, val.sample_name))
+    return record
 
 
-def _resident(cfg: TrainConfig, batches: Batches, device: torch.device) -> bool:
+def start(cfg: TrainConfig, data: TrainingData, device: torch.device) -> TrainingState:
+    """A new run: the model initialised from `cfg.seed`, fresh optimizer and scheduler."""
+    torch.manual_seed(cfg.seed)
+    scale = feature_scale(data.store.features, data.train_rows) if cfg.feature_scale else 1.0
+    model = build_model(cfg, len(data.vocab), scale).to(device)
+    optimizer = make_optimizer(model, cfg.lr)
+    return TrainingState(model, optimizer, make_scheduler(optimizer, cfg))
+
+
+def resume(ckpt: dict, cfg: TrainConfig, files: RunFiles, device: torch.device) -> TrainingState:
+    """The run saved in last.pt (`ckpt`), continued: weights, optimizer, scheduler, RNG and best epoch. It reads
+    nothing from OUT: under torchrun every rank resumes from rank 0's copy of last.pt. The metrics of the epochs
+    it holds come from `resumed_history` (rank 0)."""
+    model, _ = checkpoint.build_decoder(ckpt, files.last)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        checkpoint.restore_rng_state(ckpt["rng"])
+        best = Best.from_dict(ckpt["best"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # what mismatched states raise
+        raise UserError(f"{files.last} is not a valid last.pt: {describe(e)}") from None
+    return TrainingState(model, optimizer, scheduler, ckpt["epoch"], best)
+
+
+def resumed_history(ckpt: dict, files: RunFiles) -> list[dict]:
+    """The metrics of the epochs last.pt holds; lines of later epochs, written before a kill, are dropped from
+    metrics.jsonl. Rank 0 only: it writes."""
+    found = history.read(files.metrics)
+    records = [r for r in found if isinstance(r.get("epoch"), int) and r["epoch"] <= ckpt["epoch"]]
+    if records != found:
+        history.write(files.metrics, records)
+    return records
+
+
+def save_epoch(files: RunFiles, state: TrainingState, data: TrainingData, cfg: TrainConfig, is_best: bool) -> None:
+    """The run's files after an epoch, each replaced atomically: a kill at any moment leaves every file whole."""
+    history.write(files.metrics, state.records)
+    ckpt = checkpoint.model_state(
+        state.model, data.vocab, cfg.to_dict(), data.store, state.epoch, state.best.to_dict(), state.records[-1]
+    )
+    if is_best:
+        checkpoint.save(ckpt, files.model)
+    checkpoint.save(ckpt | checkpoint.training_state(state.optimizer, state.scheduler), files.last)
+    training_curves(state.records, files.curves)
+
+
+def _load_last(files: RunFiles) -> dict:
+    return checkpoint.load(files.last, resume=True)
+
+
+def _refuse_earlier_run(files: RunFiles) -> None:
+    """A new run must not overwrite an earlier one's checkpoints."""
+    if files.last.exists():
+        try:
+            done = checkpoint.load(files.last).get("epoch", "?")
+        except UserError:
+            done = "an unreadable checkpoint of"
+        raise UserError(
+            f"{files.last} holds an earlier run ({done} epochs): pass --resume to continue it, "
+            "or --out DIR to start a new one elsewhere"
+        )
+
+
+def _check_resumable(ckpt: dict, data: TrainingData, path: Path) -> None:
+    """last.pt continues only on the same features and the same vocabulary."""
+    checkpoint.check_same_encoder(ckpt, data.store, path)
+    if data.vocab.to_list() != ckpt["vocab"]:
+        raise UserError(f"{path} has a vocabulary that does not match the captions of {data.store.path}")
+
+
+def _fits_on_gpu(cfg: TrainConfig, batches: Batches, device: torch.device) -> bool:
+    """Whether to copy the training features to the GPU once (cfg.resident: auto | yes | no)."""
     if device.type != "cuda" or cfg.resident == "no":
         return False
     feats = batches.store.features
@@ -240,197 +495,10 @@ def _resident(cfg: TrainConfig, batches: Batches, device: torch.device) -> bool:
     return False
 
 
-def fit(cfg: TrainConfig) -> dict:
-    """Train for `cfg.epochs` epochs in total (resumed epochs included). Returns the last epoch's metrics."""
-    out = Path(cfg.out)
-    last_path, best_path, metrics_path = out / "last.pt", out / "model.pt", out / "metrics.jsonl"
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(last_path)
-        run = prepare(cfg, vocab_words=ckpt["vocab"])
-        _check_resume(ckpt, run, last_path)
-        saved = ckpt["train_config"]
-        # What defines the model and its data comes from the checkpoint; epochs, device and out from now.
-        for key in (
-            "min_word_count",
-            "captions_per_image",
-            "max_len",
-            "init_from_features",
-            "dropout",
-            "gate",
-            "attention_penalty",
-            "feature_scale",
-            "seed",
-            "batch_size",
-            "lr",
-            "grad_clip",
-            "lr_step",
-            "lr_gamma",
-            "val_decode_images",  # how model.pt is chosen: CIDEr-D and -loss scores must not be compared
-            "val_beam_size",
-        ):
-            setattr(cfg, key, saved[key])
-    else:
-        if last_path.exists():
-            try:
-                done = load_checkpoint(last_path).get("epoch", "?")
-            except UserError:
-                done = "an unreadable checkpoint of"
-            raise UserError(
-                f"{last_path} holds an earlier run ({done} epochs): pass --resume to continue it, "
-                "or --out DIR to start a new one elsewhere"
-            )
-        run = prepare(cfg)
-        metrics_path.unlink(missing_ok=True)  # left by a run killed before its first last.pt: not this run's
-    device = run.device
-    torch.manual_seed(cfg.seed)
-    if ckpt is not None:
-        scale = float(ckpt["model_config"].get("feature_scale", 1.0))
-    else:
-        scale = _feature_scale(run) if cfg.feature_scale else 1.0
-    model_cfg = DecoderConfig(
-        vocab_size=len(run.vocab),
-        init_from_features=cfg.init_from_features,
-        dropout=cfg.dropout,
-        gate=cfg.gate,
-        feature_scale=scale,
+def _epoch_line(record: dict, is_best: bool, sample_name: str) -> str:
+    cider = f" val CIDEr-D {record['val_cider_d']:.3f}" if "val_cider_d" in record else ""
+    return (
+        f"epoch {record['epoch']}: train loss {record['train_loss']:.3f} val loss {record['val_loss']:.3f}{cider} "
+        f"{record['seconds']:.1f}s {record['samples_per_second']:,.0f} samples/s{' *best*' if is_best else ''}"
+        f" | {sample_name}: {record['sample']}"
     )
-    model = Decoder(model_cfg).to(device)
-    optimizer = make_optimizer(model, cfg.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=max(cfg.lr_step, 1), gamma=cfg.lr_gamma if cfg.lr_step > 0 else 1.0
-    )
-    start_epoch, best = 0, {"metric": "", "score": -math.inf, "epoch": 0}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, best = ckpt["epoch"], ckpt["best"]
-        _set_rng_state(ckpt["rng"])
-        _truncate_metrics(metrics_path, start_epoch)
-        if start_epoch >= cfg.epochs:
-            info(f"{last_path} already has {start_epoch} epochs (asked for {cfg.epochs}): nothing to do")
-            return {}
-        info(f"resuming from {last_path} after epoch {start_epoch}")
-    out.mkdir(parents=True, exist_ok=True)
-
-    train = Batches(run.store, run.captions, run.train_rows, cfg.batch_size, cfg.captions_per_image, device)
-    val = Batches(
-        run.store, run.captions, run.val_rows, max(cfg.batch_size, 64), 5, device
-    )  # 64 x 5 captions: ~300 MB of logits at 18k words
-    if _resident(cfg, train, device):
-        train.make_resident()
-    loss_fn = torch.compile(_loss) if cfg.compile else _loss
-    info(
-        f"fit: {len(run.train_rows)} train / {len(run.val_rows)} val images, vocabulary {len(run.vocab)}, "
-        f"{count_parameters(model) / 1e6:.1f}M parameters, device {device}"
-        + (", features resident on the GPU" if train.resident is not None else "")
-    )
-    val_decode = run.val_rows[: cfg.val_decode_images] if cfg.val_decode_images > 0 else run.val_rows[:0]
-    val_refs = run.captions.texts(run.texts, run.owners, val_decode)  # read once, not every epoch
-    sample_row = int(run.val_rows[0]) if len(run.val_rows) else int(run.train_rows[0])
-    sample_name = run.store.images[sample_row]
-    record: dict = {}
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        samples = 0
-        with progress(len(train), f"epoch {epoch}/{cfg.epochs}", unit="batch") as advance:
-            for batch in train.iterate(epoch, cfg.seed):
-                loss_sum += train_step(model, optimizer, batch, cfg, loss_fn)
-                samples += batch.tokens.shape[0] * batch.tokens.shape[1]
-                advance(1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        scheduler.step()
-        record = {
-            "epoch": epoch,
-            "train_loss": float(loss_sum) / len(train),
-            "val_loss": validation_loss(model, val, device, cfg.amp) if len(run.val_rows) else float("nan"),
-            "seconds": seconds,
-            "samples_per_second": samples / seconds,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        record["val_perplexity"] = math.exp(min(record["val_loss"], 50))
-        score_name, score = "neg_val_loss", -record["val_loss"]
-        if len(val_decode):
-            from pipeline.metrics import cider_d
-
-            model.eval()
-            decoded = decode_rows(model, run.store.features, val_decode, device, cfg.val_beam_size)
-            record["val_cider_d"] = cider_d([run.vocab.decode(d.tokens) for d in decoded], val_refs)
-            score_name, score = "val_cider_d", record["val_cider_d"]
-        model.eval()
-        sample = decode_rows(model, run.store.features, np.array([sample_row]), device, beam_size=1)[0]
-        record["sample"] = run.vocab.decode(sample.tokens)
-        # Ties (CIDEr-D is often 0 for the first epochs) go to the lower validation loss.
-        key = (score, -record["val_loss"])
-        is_best = key > (best["score"], best.get("tiebreak", -math.inf))
-        if is_best:
-            best = {"metric": score_name, "score": score, "tiebreak": -record["val_loss"], "epoch": epoch}
-        _append_metrics(metrics_path, record)
-        state = _checkpoint(model, run, cfg, epoch, best, record)
-        if is_best:
-            _atomic_save(state, best_path)
-        _atomic_save(
-            state | {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-            last_path,
-        )
-        cider = f" val CIDEr-D {record['val_cider_d']:.3f}" if "val_cider_d" in record else ""
-        info(
-            f"epoch {epoch}: train loss {record['train_loss']:.3f} val loss {record['val_loss']:.3f}{cider} "
-            f"{seconds:.1f}s {record['samples_per_second']:,.0f} samples/s{' *best*' if is_best else ''}"
-            f" | {sample_name}: {record['sample']}"
-        )
-    return record
-
-
-def _feature_scale(run: Run, sample: int = 256) -> float:
-    """1 / RMS of (up to) `sample` training images' features, evenly spaced over the split."""
-    rows = np.sort(
-        run.train_rows[np.linspace(0, len(run.train_rows) - 1, min(sample, len(run.train_rows))).astype(int)]
-    )
-    feats = np.asarray(run.store.features[np.unique(rows)], dtype=np.float32)
-    rms = float(np.sqrt(np.mean(np.square(feats))))
-    return 1.0 / rms if rms > 0 else 1.0
-
-
-def _checkpoint(model: Decoder, run: Run, cfg: TrainConfig, epoch: int, best: dict, record: dict) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model_config": model.cfg.to_dict(),
-        "train_config": cfg.to_dict(),
-        "vocab": run.vocab.to_list(),
-        "store": {
-            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in run.store.identity().items()
-        },
-        "epoch": epoch,
-        "best": best,
-        "metrics": {k: v for k, v in record.items() if isinstance(v, (int, float, str))},
-    }
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop lines of epochs after the checkpoint (written before a kill that came before last.pt)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("epoch", 0) <= last_epoch:
-                keep.append(line)
-        except json.JSONDecodeError:
-            warn(f"{path}: dropped an unreadable line")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)

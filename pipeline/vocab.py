@@ -8,10 +8,11 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from pipeline.config import MAX_LEN
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
-MAX_LEN = 20  # tokens per encoded caption, <start> and <end> included (the report's 20)
 
 _TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)*|[^\w\s]|_")
 _NO_SPACE_BEFORE = {".", ",", "!", "?", ";", ":", "'s", ")", "%"}

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the tests import `pipeline` from the repository root
     sys.path.insert(0, str(ROOT))
 
-from pipeline import store as st  # noqa: E402
+import pipeline.store as feature_store  # noqa: E402
 from pipeline.datasets import CaptionSet  # noqa: E402
 from pipeline.encoder import FEATURE_SHAPE, WeightsInfo  # noqa: E402
 from pipeline.transform import TransformConfig  # noqa: E402
@@ -61,7 +61,7 @@ def make_features(classes: np.ndarray, seed: int = 0, dtype: str = "float16") ->
     feats = np.abs(rng.standard_normal((len(classes), *FEATURE_SHAPE), dtype=np.float32)) * 0.5
     for i, c in enumerate(classes):
         feats[i, :, :, c * SIGNAL_WIDTH : (c + 1) * SIGNAL_WIDTH] = SIGNAL
-    return feats.astype(st.DTYPES[dtype])
+    return feats.astype(feature_store.DTYPES[dtype])
 
 
 def make_store(
@@ -96,12 +96,12 @@ def make_store(
     from pipeline.extract import provenance  # imports torchvision (seconds): only when a store is made
 
     prov = provenance((weights or WeightsInfo("none", "")).to_dict(), TransformConfig(), dtype)
-    st.create(path, caption_set, prov)
+    feature_store.create(path, caption_set, prov)
     feats = make_features(classes, seed, dtype)
-    writer = st.Writer(path)
+    writer = feature_store.Writer(path)
     try:
         rows = np.arange(n_images) if finish else np.arange(n_images // 2)
-        writer.write(rows, feats[rows], st.WRITTEN)
+        writer.write(rows, feats[rows], feature_store.WRITTEN)
         if finish:
             writer.finish()
     finally:

@@ -1,14 +1,13 @@
 """fit: the batches it reads, training, checkpoints, metrics, resume (also after SIGKILL) and refusals.
 
-Stores are built by tests/helpers_store.py (no ResNet50). Most runs use a narrow decoder (embed 16, hidden 32,
-attention 16; the store's 2048 feature channels unchanged) so that many epochs fit in a CPU test budget:
-what is tested (batches, RNG and optimizer state, checkpoints, files) does not depend on the layer sizes.
-One test trains the report's full-size decoder.
+Stores are built by tests/helpers_store.py (no ResNet50). Most runs use the "tiny" decoder preset (embed 16,
+hidden 32, attention 16; the store's 2048 feature channels unchanged), chosen through the config or
+`--decoder tiny`, so that many epochs fit in a CPU test budget: what is tested (batches, RNG and optimizer
+state, checkpoints, files) does not depend on the layer sizes. One test trains the report's full-size decoder.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -24,29 +23,17 @@ import pytest
 import torch
 from helpers_store import ROOT, class_captions, make_store
 
-import pipeline.train as train_module
+from pipeline import checkpoint
 from pipeline.data import Batches
 from pipeline.encoder import WeightsInfo
-from pipeline.model import DecoderConfig
-from pipeline.train import TrainConfig, fit, load_checkpoint, model_from_checkpoint, prepare
+from pipeline.train import TrainConfig, fit, prepare
 from pipeline.vocab import END_ID, PAD_ID, START_ID
 
-TINY = {"embed_dim": 16, "hidden_dim": 32, "attention_dim": 16}
-# `python -c TINY_CLI fit ...`: the real command line, with the narrow decoder
-TINY_CLI = (
-    "import functools, pipeline.train as t; from pipeline.model import DecoderConfig; "
-    f"t.DecoderConfig = functools.partial(DecoderConfig, **{TINY!r}); import cli; cli.app()"
-)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def tiny(monkeypatch):
-    """fit builds the narrow decoder in this process."""
-    monkeypatch.setattr(train_module, "DecoderConfig", functools.partial(DecoderConfig, **TINY))
-
-
 def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
+    """A small fit: the tiny decoder, batches of 7, no CIDEr-D decoding."""
     base = {
         "store": str(store),
         "out": str(out),
@@ -56,6 +43,7 @@ def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
         "device": "cpu",
         "min_word_count": 1,
         "val_decode_images": 0,
+        "decoder": "tiny",
     }
     return TrainConfig(**(base | kw))
 
@@ -92,8 +80,11 @@ def _assert_same(a, b, where: str = "") -> None:
 
 
 def _fit_args(store: Path, out: Path, *extra: str, val_decode: int = 0) -> list[str]:
+    """`cli.py fit` arguments of a small fit (as `_cfg`)."""
     return [
         "fit",
+        "--decoder",
+        "tiny",
         "--store",
         str(store),
         "--out",
@@ -130,8 +121,8 @@ def store20(tmp_path_factory):
 
 
 def _batches(store, k: int = 1, batch_size: int = 4) -> tuple[Batches, object]:
-    run = prepare(_cfg(store.path, Path("unused")))
-    return Batches(run.store, run.captions, run.train_rows, batch_size, k, CPU), run
+    data = prepare(_cfg(store.path, Path("unused")))
+    return Batches(data.store, data.captions, data.train_rows, batch_size, k, CPU), data
 
 
 def _normalised(vocab, text: str) -> str:
@@ -139,8 +130,8 @@ def _normalised(vocab, text: str) -> str:
 
 
 def test_batches_gather_feature_rows_and_their_own_captions(store20):
-    batches, run = _batches(store20, k=2)
-    memmap = run.store.features
+    batches, data = _batches(store20, k=2)
+    memmap = data.store.features
     seen = []
     for batch in batches.iterate(epoch=1, seed=0):
         seen.extend(batch.rows.tolist())
@@ -151,11 +142,11 @@ def test_batches_gather_feature_rows_and_their_own_captions(store20):
         assert (batch.tokens[..., 0] == START_ID).all()
         assert int((batch.tokens != PAD_ID).sum(-1).max()) == batch.tokens.shape[-1]  # trimmed to the longest
         for row, caps in zip(batch.rows, batch.tokens, strict=True):
-            own = {_normalised(run.vocab, c) for c in store20.captions[row]}
+            own = {_normalised(data.vocab, c) for c in store20.captions[row]}
             for cap in caps:
                 assert END_ID in cap.tolist()
-                assert run.vocab.decode(cap.tolist()) in own
-    assert sorted(seen) == sorted(run.train_rows.tolist())  # each training image exactly once
+                assert data.vocab.decode(cap.tolist()) in own
+    assert sorted(seen) == sorted(data.train_rows.tolist())  # each training image exactly once
     assert len(seen) == len(set(seen)) == 14
 
 
@@ -164,12 +155,12 @@ def test_batches_pick_distinct_captions_and_all_of_a_short_list(tmp_path):
     captions[0] = ["only one of picture", "only two of picture"]  # fewer than K
     captions[1] = ["single caption picture"]
     store = make_store(tmp_path / "s.h5", n_images=10, captions=captions, splits=["train"] * 10)
-    batches, run = _batches(store, k=3, batch_size=3)
+    batches, data = _batches(store, k=3, batch_size=3)
     for epoch in (1, 2, 3):
         for rows, picks in batches.plan(epoch, seed=0):
             for row, pick in zip(rows, picks, strict=True):
-                texts = [run.vocab.decode(run.captions.ids[p]) for p in pick]
-                own = [_normalised(run.vocab, c) for c in store.captions[row]]
+                texts = [data.vocab.decode(data.captions.ids[p]) for p in pick]
+                own = [_normalised(data.vocab, c) for c in store.captions[row]]
                 assert set(texts) <= set(own)
                 assert len(set(texts)) == min(3, len(own)), (row, texts)
 
@@ -213,7 +204,7 @@ def test_resident_features_give_the_same_batches_as_the_memory_map(store20):
 def test_full_size_decoder_learns_and_writes_loadable_checkpoints(store20, tmp_path):
     """The report's decoder (2048/300/512/256) on learnable synthetic data: losses fall epoch after epoch."""
     out = tmp_path / "out"
-    record = fit(_cfg(store20.path, out, epochs=3, lr=3e-3))
+    record = fit(_cfg(store20.path, out, epochs=3, lr=3e-3, decoder="report"))
     metrics = _metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert record["epoch"] == 3 and record["val_loss"] == metrics[-1]["val_loss"]
@@ -240,7 +231,7 @@ def test_full_size_decoder_learns_and_writes_loadable_checkpoints(store20, tmp_p
     assert last["epoch"] == 3 and best["epoch"] == 3  # val loss fell every epoch: the last is the best
     assert {"optimizer", "scheduler", "rng"} <= last.keys()
     _assert_same_weights(best["model"], last["model"])
-    model, vocab = model_from_checkpoint(load_checkpoint(out / "model.pt"))
+    model, vocab = checkpoint.build_decoder(checkpoint.load(out / "model.pt"))
     assert vocab.to_list() == best["vocab"] and not model.training
 
 
@@ -252,11 +243,9 @@ RESUMED_ARGS = ("--dropout", "0.3", "--captions-per-image", "2")
 
 @pytest.fixture(scope="module")
 def uninterrupted(store20, tmp_path_factory) -> Path:
-    """OUT of an uninterrupted `fit --epochs 4` with the RESUMED settings (narrow decoder)."""
+    """OUT of an uninterrupted `fit --epochs 4` with the RESUMED settings (tiny decoder)."""
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "DecoderConfig", functools.partial(DecoderConfig, **TINY))
-        fit(_cfg(store20.path, out, **RESUMED))
+    fit(_cfg(store20.path, out, **RESUMED))
     return out
 
 
@@ -278,7 +267,7 @@ def _assert_same_run(reference: Path, out: Path) -> None:
             assert a[key] == b[key], (key, a["epoch"])
 
 
-def test_resume_continues_exactly_where_an_uninterrupted_run_ends(store20, uninterrupted, tmp_path, tiny):
+def test_resume_continues_exactly_where_an_uninterrupted_run_ends(store20, uninterrupted, tmp_path):
     """fit --epochs 2, then fit --epochs 4 --resume == fit --epochs 4."""
     out = tmp_path / "split"
     fit(_cfg(store20.path, out, **(RESUMED | {"epochs": 2})))
@@ -291,7 +280,7 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_ends(store20, unint
     _assert_same_run(uninterrupted, out)
 
 
-def test_resume_with_all_epochs_done_changes_nothing(store20, tmp_path, tiny):
+def test_resume_with_all_epochs_done_changes_nothing(store20, tmp_path):
     out = tmp_path / "out"
     fit(_cfg(store20.path, out, epochs=1))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -299,7 +288,7 @@ def test_resume_with_all_epochs_done_changes_nothing(store20, tmp_path, tiny):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_fresh_fit_does_not_append_to_stale_metrics(store20, tmp_path, tiny):
+def test_fresh_fit_does_not_append_to_stale_metrics(store20, tmp_path):
     """An OUT with metrics.jsonl but no last.pt (a run killed before its first checkpoint): a new run
     starts the file afresh."""
     out = tmp_path / "out"
@@ -310,7 +299,7 @@ def test_fresh_fit_does_not_append_to_stale_metrics(store20, tmp_path, tiny):
     assert all(m["train_loss"] != 9.0 for m in _metrics(out))
 
 
-def test_cli_fit_captions_per_image_3(store20, tmp_path, tiny, cli):
+def test_cli_fit_captions_per_image_3(store20, tmp_path, cli):
     out = tmp_path / "out"
     result = cli(*_fit_args(store20.path, out, "--epochs", "2", "--captions-per-image", "3"))
     assert "epoch 2" in result.stdout
@@ -325,15 +314,10 @@ def test_cli_fit_captions_per_image_3(store20, tmp_path, tiny, cli):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_matches_an_uninterrupted_run(store20, uninterrupted, tmp_path, tiny, cli):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(store20, uninterrupted, tmp_path, cli):
     """`python cli.py fit` killed with SIGKILL once epoch 1's last.pt exists, then `fit --resume`."""
     out, epochs = tmp_path / "killed", str(RESUMED["epochs"])
-    args = [
-        sys.executable,
-        "-c",
-        TINY_CLI,
-        *_fit_args(store20.path, out, "--epochs", epochs, *RESUMED_ARGS, val_decode=2),
-    ]
+    args = [sys.executable, "cli.py", *_fit_args(store20.path, out, "--epochs", epochs, *RESUMED_ARGS, val_decode=2)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -360,11 +344,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(store20, uninterrupte
 
 @pytest.fixture(scope="module")
 def trained(store20, tmp_path_factory):
-    """An OUT folder after `fit --epochs 1` (narrow decoder)."""
+    """An OUT folder after `fit --epochs 1` (tiny decoder)."""
     out = tmp_path_factory.mktemp("trained") / "out"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "DecoderConfig", functools.partial(DecoderConfig, **TINY))
-        fit(_cfg(store20.path, out, epochs=1))
+    fit(_cfg(store20.path, out, epochs=1))
     return out
 
 
@@ -433,7 +415,7 @@ def test_refuses_resume_on_a_store_made_differently(trained_copy, tmp_path, cli,
     assert _snapshot(trained_copy) == before
 
 
-def test_resume_on_an_identical_store_copy_is_accepted(store20, trained_copy, tmp_path, tiny, cli):
+def test_resume_on_an_identical_store_copy_is_accepted(store20, trained_copy, tmp_path, cli):
     """The control for the refusals above: same provenance and captions in another file resume fine."""
     copy = tmp_path / "copy.h5"
     shutil.copyfile(store20.path, copy)

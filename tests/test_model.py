@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from pipeline.decode import Decoded, beam_search, decode_rows, greedy
-from pipeline.model import Decoder, DecoderConfig, attention_penalty, masked_loss
+from pipeline.loss import attention_penalty, caption_loss, masked_loss
+from pipeline.model import Decoder, DecoderConfig
 from pipeline.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
 V = 30  # a small vocabulary: the layer sizes are the report's (2048/300/512/256)
@@ -208,13 +209,11 @@ def test_masked_loss_ignores_pad_positions():
 
 def test_training_loss_is_the_masked_loss_over_all_logits():
     """fit's loss applies the output layer to the non-<pad> steps only: the same value as masking."""
-    from pipeline.train import _loss
-
     model = _narrow_model(seed=2).eval()
     feats, tokens = _features(2, dim=NARROW_D), _tokens(2, 2, 7)
     tokens[0, 1, 3], tokens[0, 1, 4:] = END_ID, PAD_ID
     tokens[1, 0, 5], tokens[1, 0, 6:] = END_ID, PAD_ID
-    total, loss = _loss(model, feats, tokens, 0.5)
+    total, loss = caption_loss(model, feats, tokens, 0.5)
     logits, alphas = model(feats, tokens[..., :-1])
     expected = masked_loss(logits, tokens[..., 1:])
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
@@ -389,15 +388,13 @@ def test_decode_rows_keeps_the_order_of_the_rows(end_biased_model):
 def test_training_loss_and_gradients_unchanged_when_whole_images_end_early():
     """Images whose captions all end early drop out of the later steps (sorted prefix): the loss, the
     attention penalty and every gradient equal those of the full, masked computation."""
-    from pipeline.train import _loss
-
     model = _narrow_model(seed=5).eval()
     feats, tokens = _features(4, dim=NARROW_D), _tokens(4, 2, 9)
     ends = {0: (3, 5), 1: (8, 8), 2: (2, 2), 3: (6, 4)}  # per image, per caption: where <end> goes
     for b, per_caption in ends.items():
         for g, e in enumerate(per_caption):
             tokens[b, g, e], tokens[b, g, e + 1 :] = END_ID, PAD_ID
-    total, _ = _loss(model, feats, tokens, 0.5)
+    total, _ = caption_loss(model, feats, tokens, 0.5)
     total.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -412,12 +409,13 @@ def test_training_loss_and_gradients_unchanged_when_whole_images_end_early():
 def test_train_step_with_amp_on_cpu_updates_the_model():
     """`fit --amp` on a CPU: bf16 autocast, a finite loss, and the weights move."""
     from pipeline.data import Batch
+    from pipeline.loss import CaptionTraining
     from pipeline.train import TrainConfig, make_optimizer, train_step
 
     model = _narrow_model(seed=6)
     before = model.gates.weight.detach().clone()
     batch = Batch(_features(3, dim=NARROW_D).half(), _tokens(3, 1, 6), np.arange(3))
-    loss = train_step(model, make_optimizer(model, 1e-3), batch, TrainConfig(amp=True))
+    loss = train_step(CaptionTraining(model), make_optimizer(model, 1e-3), batch, TrainConfig(amp=True))
     assert torch.isfinite(loss) and loss > 0
     assert not torch.equal(before, model.gates.weight)
 

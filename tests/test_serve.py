@@ -7,7 +7,6 @@ ResNet50 (`--weights none`): its captions are poor, but they have words and per-
 
 from __future__ import annotations
 
-import functools
 import io
 import re
 import shutil
@@ -23,16 +22,15 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.train as train_module
 from pipeline.captioner import Captioner
 from pipeline.demo import make_dataset
 from pipeline.extract import ExtractConfig, extract
-from pipeline.model import DecoderConfig
+from pipeline.model import DECODER_PRESETS
 from pipeline.serve import ServeConfig, create_app
 from pipeline.train import TrainConfig, fit
 from pipeline.transform import open_image, resize_uint8
 
-TINY = {"embed_dim": 16, "hidden_dim": 32, "attention_dim": 16}  # test_fit.py's narrow decoder
+TINY = DECODER_PRESETS["tiny"]  # the narrow decoder, selected by name
 CAP_MB = 1.0  # the test app's --max-upload-mb: real photos (50-200 KB) pass, a 1 MiB file does not
 CPU = torch.device("cpu")
 
@@ -40,7 +38,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
     """As test_outputs.py's `trained`: demo images, a store made by extract (--weights none, so that photos
-    captioned later get features on the scale the model was trained on), then fit, here with the narrow decoder."""
+    captioned later get features on the scale the model was trained on), then fit, here with the tiny decoder."""
     root = tmp_path_factory.mktemp("serve")
     captions = make_dataset(root / "data", 10, size=64, seed=1)
     store = root / "features.h5"
@@ -51,11 +49,9 @@ def model_path(tmp_path_factory) -> Path:
     )
     cfg = TrainConfig(
         store=str(store), out=str(root / "run"), epochs=3, batch_size=8, lr=1e-2, device="cpu", min_word_count=1,
-        val_decode_images=0,
+        val_decode_images=0, decoder="tiny",
     )  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "DecoderConfig", functools.partial(DecoderConfig, **TINY))
-        fit(cfg)
+    fit(cfg)
     return root / "run" / "model.pt"
 
 

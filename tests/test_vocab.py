@@ -48,14 +48,14 @@ def test_vocabulary_comes_from_the_train_split_only(tmp_path):
     captions = [["a red square .", "red red red"]] * 6 + [["a zebra ."]] * 2 + [["a giraffe ."]] * 2
     splits = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
     store = make_store(tmp_path / "s.h5", n_images=10, captions=captions, splits=splits)
-    run = prepare(TrainConfig(store=str(store.path), out=str(tmp_path / "out"), device="cpu", min_word_count=1))
-    words = set(run.vocab.itos[4:])
+    data = prepare(TrainConfig(store=str(store.path), out=str(tmp_path / "out"), device="cpu", min_word_count=1))
+    words = set(data.vocab.itos[4:])
     assert words == {"a", "red", "square", "."}
-    assert "zebra" not in run.vocab.stoi and "giraffe" not in run.vocab.stoi
+    assert "zebra" not in data.vocab.stoi and "giraffe" not in data.vocab.stoi
     # val captions are still indexed, with the unknown word mapped to <unk>
-    val_row = int(run.val_rows[0])
-    ids = run.captions.ids[run.captions.start[val_row]]
-    assert list(ids[:5]) == [START_ID, run.vocab.stoi["a"], UNK_ID, run.vocab.stoi["."], END_ID]
+    val_row = int(data.val_rows[0])
+    ids = data.captions.ids[data.captions.start[val_row]]
+    assert list(ids[:5]) == [START_ID, data.vocab.stoi["a"], UNK_ID, data.vocab.stoi["."], END_ID]
 
 
 def test_prepare_min_word_count_counts_train_captions(tmp_path):
@@ -63,10 +63,10 @@ def test_prepare_min_word_count_counts_train_captions(tmp_path):
     captions = [["a square ."]] * 6 + [["a circle ."]] + [["a circle ."]] * 3
     splits = ["train"] * 7 + ["val"] * 3
     store = make_store(tmp_path / "s.h5", n_images=10, captions=captions, splits=splits)
-    run = prepare(TrainConfig(store=str(store.path), device="cpu", min_word_count=2))
-    assert "square" in run.vocab.stoi and "circle" not in run.vocab.stoi
-    run1 = prepare(TrainConfig(store=str(store.path), device="cpu", min_word_count=1))
-    assert "circle" in run1.vocab.stoi
+    data = prepare(TrainConfig(store=str(store.path), device="cpu", min_word_count=2))
+    assert "square" in data.vocab.stoi and "circle" not in data.vocab.stoi
+    data1 = prepare(TrainConfig(store=str(store.path), device="cpu", min_word_count=1))
+    assert "circle" in data1.vocab.stoi
 
 
 def test_encode_adds_start_end_and_maps_unknown_words():

@@ -1,0 +1,160 @@
+"""The checkpoint format: what `model.pt` and `last.pt` hold, saving them atomically, loading them safely,
+rebuilding the decoder from one, and the RNG state that a resumed run continues with.
+
+A checkpoint is a dict of tensors and plain values, loadable with `torch.load(path, weights_only=True)`:
+
+    format        FORMAT
+    model         the decoder's state_dict (CPU tensors)
+    model_config  DecoderConfig as a dict: the decoder is rebuilt with DecoderConfig(**model_config)
+    train_config  TrainConfig as a dict
+    vocab         the words in id order
+    store         the encoder provenance of the training store (weights, transform, dtype...)
+    epoch, best, metrics
+    last.pt also: optimizer, scheduler, rng (and history: the metrics of every epoch so far)
+
+Other entries (for instance a fine-tuned encoder's state_dict) are kept as they are: `model_state(...,
+extra=)` adds them and `load` returns them. Code that only loads a model imports this module, not training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError, describe
+from pipeline.files import atomic_write
+from pipeline.model import Decoder, DecoderConfig
+from pipeline.store import FeatureStore, encoder_diffs
+from pipeline.vocab import Vocabulary
+
+FORMAT = 1
+# key -> type every checkpoint must hold it as; what --resume needs on top
+MODEL_KEYS = {
+    "format": int,
+    "model": dict,
+    "model_config": dict,
+    "train_config": dict,
+    "vocab": list,
+    "store": dict,
+    "epoch": int,
+    "best": dict,
+    "metrics": dict,
+}
+RESUME_KEYS = {"optimizer": dict, "scheduler": dict, "rng": dict}
+# train_config entries that loading a model relies on
+TRAIN_CONFIG_KEYS = ("max_len", "min_word_count")
+
+
+def model_state(
+    model: Decoder,
+    vocab: Vocabulary,
+    train_config: dict,
+    store: FeatureStore,
+    epoch: int,
+    best: dict,
+    metrics: dict,
+    extra: dict | None = None,
+) -> dict:
+    """The content of model.pt (last.pt adds `training_state`). `extra`: further entries, kept as they are."""
+    return {
+        "format": FORMAT,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_config": model.cfg.to_dict(),
+        "train_config": dict(train_config),
+        "vocab": vocab.to_list(),
+        "store": {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in store.identity().items()},
+        "epoch": epoch,
+        "best": dict(best),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+    } | (extra or {})
+
+
+def training_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    """What last.pt holds beyond model.pt so that --resume continues exactly: optimizer, scheduler, RNG."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+
+
+def save(state: dict, path: str | Path) -> None:
+    """Write atomically (pipeline.files.atomic_write): a kill or a full disk at any moment leaves the
+    previous file whole, and no temp file behind except after a kill -9 (removed by the next run)."""
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def load(path: str | Path, resume: bool = False) -> dict:
+    """Read a checkpoint written by fit, with `weights_only=True` (a checkpoint never runs code), and check
+    its keys: anything else (another project's .pt, a pickle, a zip, an empty file, model.pt given where
+    last.pt is needed with resume=True) is a UserError that says what the file is not."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise UserError(f"{path} is not a checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle, EOF and weights_only errors all mean "not a checkpoint of ours"
+        raise UserError(f"cannot read checkpoint {path}: {describe(e)}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint written by fit")
+    _check_types(ckpt, MODEL_KEYS, path, "a checkpoint written by fit")
+    for key in TRAIN_CONFIG_KEYS:
+        if not isinstance(ckpt["train_config"].get(key), int):
+            raise UserError(f"{path} is not a valid checkpoint: train_config lacks {key}")
+    if resume:
+        _check_types(ckpt, RESUME_KEYS, path, "a last.pt with the training state --resume needs")
+    return ckpt
+
+
+def _check_types(ckpt: dict, keys: dict[str, type], path: Path, what: str) -> None:
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not {what} (it lacks {', '.join(missing)})")
+    wrong = [k for k, kind in keys.items() if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
+    if wrong:
+        raise UserError(f"{path} is not {what} ({', '.join(wrong)} of the wrong type)")
+
+
+def build_decoder(ckpt: dict, path: str | Path = "checkpoint") -> tuple[Decoder, Vocabulary]:
+    """The decoder in eval mode, on the CPU, and its vocabulary. A checkpoint whose parts do not fit
+    together (a config, weights or vocabulary of another model) is a UserError naming `path`."""
+    try:
+        vocab = Vocabulary.from_list(ckpt["vocab"])
+        cfg = DecoderConfig(**ckpt["model_config"])
+        if cfg.vocab_size != len(vocab):
+            raise ValueError(f"{cfg.vocab_size} output words for a vocabulary of {len(vocab)}")
+        model = Decoder(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # what mismatched parts raise
+        raise UserError(f"{path} is not a valid checkpoint: {describe(e)}") from None
+    model.eval()
+    return model, vocab
+
+
+def max_steps(ckpt: dict) -> int:
+    """Words a caption may have when decoding with this model: its training captions' length without <start>."""
+    return int(ckpt["train_config"]["max_len"]) - 1
+
+
+def check_same_encoder(ckpt: dict, store: FeatureStore, path: str | Path) -> None:
+    """A model only makes sense on features made the way its training features were."""
+    diffs = encoder_diffs(ckpt["store"], store.identity())
+    if diffs:
+        raise UserError(
+            f"{store.path} was made differently from the store {path} was trained on ({', '.join(diffs)} differ)"
+        )
+
+
+def rng_state() -> dict:
+    """torch's CPU (and CUDA) generator states. numpy's is not needed: batches draw from generators
+    seeded by (seed, epoch) alone (pipeline/data.py)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,92 @@
+"""The settings of fit, evaluate, generate and demo: one dataclass per command, every default declared once.
+
+`cli.py` takes its option defaults from these classes, so a default is written in one place only. This
+module imports neither torch, numpy nor typer: `cli.py --help` stays fast (importing torch takes seconds).
+`pipeline.train.TrainConfig`, `pipeline.evaluate.EvaluateConfig`, ... are these same classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MAX_LEN = 20  # tokens per encoded caption, <start> and <end> included (the report's 20)
+STORE = "cache/features.h5"
+OUT = "cache"
+MODEL = "cache/model.pt"
+DEVICE = "auto"  # cuda when available, else cpu
+BEAM_SIZE = 3
+
+
+@dataclass
+class TrainConfig:
+    """`fit`. Saved in each checkpoint as `train_config` (plain values: loadable with weights_only)."""
+
+    store: str = STORE
+    out: str = OUT
+    epochs: int = 50  # in total: with resume, the epochs already done count
+    batch_size: int = 32  # images per batch (each with captions_per_image captions)
+    lr: float = 1e-3
+    resume: bool = False
+    device: str = DEVICE
+    seed: int = 0
+    min_word_count: int = 5
+    captions_per_image: int = 1
+    max_len: int = MAX_LEN
+    grad_clip: float = 5.0  # 0 disables
+    lr_step: int = 0  # StepLR step size in epochs; 0 = constant lr (the report's 100 never fires in 50)
+    lr_gamma: float = 0.1
+    amp: bool | None = None  # bf16 autocast; None: on CUDA only (on CPU it is opt-in: not every CPU has bf16)
+    compile: bool = False
+    resident: str = "auto"  # keep training features on the GPU: auto | yes | no
+    decoder: str = "report"  # layer sizes, a name in pipeline.model.DECODER_PRESETS ("tiny" for tests)
+    # Show, Attend and Tell options (see pipeline/model.py); attention_penalty is its lambda
+    init_from_features: bool = False
+    dropout: float = 0.0
+    gate: bool = False
+    attention_penalty: float = 0.0
+    feature_scale: bool = True  # scale features to RMS 1 (see DecoderConfig.feature_scale)
+    # validation decoding (CIDEr-D) for choosing model.pt; 0 images = choose by validation loss
+    val_decode_images: int = 1000
+    val_beam_size: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvaluateConfig:
+    """`evaluate`."""
+
+    model: Path = Path(MODEL)
+    store: Path = Path(STORE)
+    split: str = "test"
+    beam_size: int = BEAM_SIZE
+    out: Path | None = None
+    device: str = DEVICE
+    meteor: bool | None = None  # None: when Java is there; True: required; False: never (no Java at all)
+    batch_size: int = 128
+
+
+@dataclass
+class GenerateConfig:
+    """`generate`."""
+
+    images: list[Path] = field(default_factory=list)
+    model: Path = Path(MODEL)
+    beam_size: int = BEAM_SIZE
+    attention: Path | None = None  # a .png file, or a folder for one figure per image
+    device: str = DEVICE
+    batch_size: int = 16
+
+
+@dataclass
+class DemoConfig:
+    """`demo`."""
+
+    out: Path = Path("cache/demo")
+    images: int = 480
+    epochs: int = 12
+    size: int = 224
+    seed: int = 0
+    weights: str | None = None  # None: ImageNet V1 when cached, else none
