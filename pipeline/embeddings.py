@@ -3,15 +3,16 @@
 - `random`: nn.Embedding's own initialisation, N(0, 1), as the report trained it.
 - `word2vec`: a Word2Vec model (gensim) trained on the **training** captions only, at the embedding size.
   Its sentences are the captions as fit encodes them: the vocabulary's words, rarer words as `<unk>`,
-  between `<start>` and `<end>`, so every id the decoder reads gets a vector.
+  between `<start>` and `<end>`, so every id the decoder reads gets a vector. The vectors are centred and
+  scaled to RMS 1 (see `centred`: as they come out of gensim, they measured worse than random).
 - a file: pretrained vectors in word2vec binary, word2vec text or GloVe text (no header) format, read with
   gensim's KeyedVectors loader (compressed `.gz`/`.bz2` too). Vocabulary words the file lacks get random
   vectors of the same scale as the ones it has.
 
 The functions here build a (V, D) matrix and say how much of the vocabulary it covers; fit copies it into the
 model once, before the first epoch (a resumed run has it in its checkpoint already). gensim is an optional
-extra, imported only when asked for. Vectors are copied as they are (not rescaled): "the file's vector of
-`dog`" stays exactly that, and a missing word's random vector matches their scale.
+extra, imported only when asked for. A file's vectors are copied as they are (not rescaled): "the file's
+vector of `dog`" stays exactly that, and a missing word's random vector matches their scale.
 """
 
 from __future__ import annotations
@@ -152,9 +153,23 @@ def train_word2vec(vocab: Vocabulary, captions: Iterable[str], dim: int, seed: i
     detail = (
         f"word2vec trained on {len(corpus):,} train captions ({tokens:,} tokens; "
         f"{'skip-gram' if cfg.sg else 'CBOW'}, window {cfg.window}, {cfg.epochs} epochs, {dim}-d) "
-        f"in {time.perf_counter() - t0:.1f}s"
+        f"in {time.perf_counter() - t0:.1f}s, centred, RMS 1"
     )
-    return _assemble(vocab, dim, seed, lambda w: wv.key_to_index.get(w), wv.vectors, "word2vec", detail)
+    vectors = _assemble(vocab, dim, seed, lambda w: wv.key_to_index.get(w), wv.vectors, "word2vec", detail)
+    vectors.matrix = centred(vectors.matrix)
+    return vectors
+
+
+def centred(matrix: np.ndarray) -> np.ndarray:
+    """The mean vector removed, then one factor so that the values' RMS is 1, nn.Embedding's N(0, 1) scale.
+
+    Word2Vec vectors trained on captions are small (RMS ~0.1) and share one direction (two words' mean
+    cosine similarity 0.6-0.9): as they are, the decoder sees nearly the same input for every word and
+    trained slower than from random vectors. Centred and scaled, the same vectors trained faster than random
+    ones on Flickr30k captions (BENCHMARKS.md). The directions between words are kept."""
+    m = matrix - matrix.mean(axis=0)
+    rms = float(np.sqrt(np.mean(np.square(m))))
+    return m / rms if rms > 0 else m
 
 
 # -- a vectors file -------------------------------------------------------------------------------------------

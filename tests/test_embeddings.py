@@ -18,6 +18,7 @@ from helpers_vectors import needs_gensim, write_vectors
 
 from pipeline.embeddings import (
     Word2VecConfig,
+    centred,
     initial_vectors,
     load_vectors,
     sentences,
@@ -206,6 +207,19 @@ def test_word2vec_covers_the_vocabulary_at_the_embedding_size_and_is_seeded():
     assert np.isfinite(a.matrix).all()
     assert "word2vec trained on 80 train captions" in a.summary() and "skip-gram, window 5, 3 epochs" in a.summary()
     assert initial_vectors("word2vec", VOCAB, captions, DIM, 0, cfg).matrix.tobytes() == a.matrix.tobytes()
+    # centred and at the random init's scale (RMS 1), the directions between words kept
+    np.testing.assert_allclose(a.matrix.mean(axis=0), 0, atol=1e-5)
+    assert np.sqrt(np.mean(np.square(a.matrix))) == pytest.approx(1, rel=1e-4)
+    assert "centred, RMS 1" in a.summary()
+
+
+def test_centred_removes_the_common_direction_and_sets_rms_1():
+    rng = np.random.default_rng(0)
+    m = (rng.normal(0, 0.05, (50, 8)) + 0.2).astype(np.float32)  # small, all pointing one way
+    c = centred(m)
+    np.testing.assert_allclose(c.mean(axis=0), 0, atol=1e-6)
+    assert np.sqrt(np.mean(np.square(c))) == pytest.approx(1, rel=1e-5)
+    np.testing.assert_allclose(c * np.sqrt(np.mean(np.square(m - m.mean(0)))), m - m.mean(0), rtol=1e-4, atol=1e-6)
 
 
 @needs_gensim
