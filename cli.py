@@ -131,6 +131,12 @@ def fit(
         bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast [default: on CUDA, off on CPU].")
     ] = T.amp,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder.")] = T.compile,
+    embeddings: Annotated[
+        str, typer.Option(help="Word vectors: random, word2vec (trained on the train captions) or a vectors file.")
+    ] = T.embeddings,
+    freeze_embeddings: Annotated[
+        bool, typer.Option("--freeze-embeddings", help="Keep the word vectors fixed.")
+    ] = T.freeze_embeddings,
 ) -> None:
     """Train the attention-LSTM decoder from the feature store (the ResNet50 is not run again).
 
@@ -161,6 +167,8 @@ def fit(
         val_decode_images=val_decode_images,
         amp=amp,
         compile=compile,
+        embeddings=embeddings,
+        freeze_embeddings=freeze_embeddings,
     )
     _call(run_fit, cfg)
 

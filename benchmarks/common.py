@@ -125,10 +125,16 @@ def random_features(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def make_store(
-    path: Path, captions: Sequence[Sequence[str]], seed: int = 0, block: int = 256, repeat_block: bool = False
+    path: Path,
+    captions: Sequence[Sequence[str]],
+    seed: int = 0,
+    block: int = 256,
+    repeat_block: bool = False,
+    splits: Sequence[str] | None = None,
 ) -> Path:
     """A complete float16 store made with pipeline.store (create + Writer) holding random features.
-    repeat_block: write the same random block again and again (fast, for multi-GB stores)."""
+    repeat_block: write the same random block again and again (fast, for multi-GB stores).
+    splits: each image's split (default: all train)."""
     from pipeline import store as st
     from pipeline.datasets import CaptionSet
     from pipeline.encoder import WeightsInfo
@@ -139,7 +145,7 @@ def make_store(
     caption_set = CaptionSet(
         images=[f"img{i:06d}.jpg" for i in range(n)],
         captions=[list(c) for c in captions],
-        splits=["train"] * n,
+        splits=list(splits) if splits is not None else ["train"] * n,
         layout="karpathy",
         source=Path("synthetic"),
     )

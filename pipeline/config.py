@@ -19,6 +19,17 @@ BEAM_SIZE = 3
 
 
 @dataclass
+class Word2VecConfig:
+    """gensim Word2Vec parameters for `fit --embeddings word2vec` (the dimension is the embedding size)."""
+
+    sg: bool = True  # skip-gram (better than CBOW on small corpora such as captions)
+    window: int = 5
+    negative: int = 5
+    epochs: int = 10  # gensim's default is 5; captions are a small corpus
+    sample: float = 1e-3  # downsampling of frequent words (gensim's default)
+
+
+@dataclass
 class TrainConfig:
     """`fit`. Saved in each checkpoint as `train_config` (plain values: loadable with weights_only)."""
 
@@ -49,6 +60,10 @@ class TrainConfig:
     # validation decoding (CIDEr-D) for choosing model.pt; 0 images = choose by validation loss
     val_decode_images: int = 1000
     val_beam_size: int = 1
+    # word vectors (pipeline/embeddings.py): random | word2vec | the path of a vectors file; frozen or trained
+    embeddings: str = "random"
+    freeze_embeddings: bool = False
+    word2vec: Word2VecConfig = field(default_factory=Word2VecConfig)  # used with embeddings="word2vec"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint, history
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, Word2VecConfig
 from pipeline.console import info, progress
 from pipeline.data import Batches, CaptionIndex, feature_scale, validation_batches
 from pipeline.decode import decode_rows
@@ -60,6 +60,10 @@ RESUMED_KEYS = (
     # how model.pt is chosen: CIDEr-D and loss scores of different epochs must not be compared
     "val_decode_images",
     "val_beam_size",
+    # how the word vectors began (their values are in the weights) and whether they train
+    "embeddings",
+    "freeze_embeddings",
+    "word2vec",
 )
 
 
@@ -211,7 +215,13 @@ def train_vocabulary(
 def resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     """The config of a resumed run: `cfg` (epochs, device, out, amp... from the command line) with the
     RESUMED_KEYS of the checkpoint's train_config. `cfg` itself is not changed."""
-    return dataclasses.replace(cfg, **{k: saved[k] for k in RESUMED_KEYS if k in saved})
+    resumed = {k: saved[k] for k in RESUMED_KEYS if k in saved}
+    if isinstance(resumed.get("word2vec"), dict):  # saved as a plain dict (weights_only checkpoints)
+        resumed["word2vec"] = Word2VecConfig(**resumed["word2vec"])
+    # checkpoints from before word vectors: random and trained, whatever this command line says
+    resumed.setdefault("embeddings", "random")
+    resumed.setdefault("freeze_embeddings", False)
+    return dataclasses.replace(cfg, **resumed)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, scale: float) -> Decoder:
@@ -414,8 +424,24 @@ def start(cfg: TrainConfig, data: TrainingData, device: torch.device) -> Trainin
     torch.manual_seed(cfg.seed)
     scale = feature_scale(data.store.features, data.train_rows) if cfg.feature_scale else 1.0
     model = build_model(cfg, len(data.vocab), scale).to(device)
+    if cfg.embeddings != "random":  # initial word vectors (numpy-seeded: torch's RNG stream is untouched)
+        from pipeline.embeddings import initial_vectors
+
+        captions = [t for caps in data.captions.references(data.train_rows) for t in caps]
+        vectors = initial_vectors(cfg.embeddings, data.vocab, captions, model.cfg.embed_dim, cfg.seed, cfg.word2vec)
+        info(vectors.summary())
+        with torch.no_grad():
+            model.embedding.weight.copy_(torch.from_numpy(vectors.matrix))
+    freeze_embeddings(model, cfg)
     optimizer = make_optimizer(model, cfg.lr)
     return TrainingState(model, optimizer, make_scheduler(optimizer, cfg))
+
+
+def freeze_embeddings(model: Decoder, cfg: TrainConfig) -> None:
+    """`--freeze-embeddings`: no gradient for the word vectors; Adam (fused too) skips a parameter whose .grad
+    stays None, so it keeps no state for it and a resumed optimizer loads as saved."""
+    if cfg.freeze_embeddings:
+        model.embedding.weight.requires_grad_(False)
 
 
 def resume(ckpt: dict, cfg: TrainConfig, files: RunFiles, device: torch.device) -> TrainingState:
@@ -424,6 +450,7 @@ def resume(ckpt: dict, cfg: TrainConfig, files: RunFiles, device: torch.device) 
     it holds come from `resumed_history` (rank 0)."""
     model, _ = checkpoint.build_decoder(ckpt, files.last)
     model.to(device)
+    freeze_embeddings(model, cfg)
     optimizer = make_optimizer(model, cfg.lr)
     scheduler = make_scheduler(optimizer, cfg)
     try:
