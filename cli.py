@@ -58,7 +58,8 @@ def _call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not e.quiet:  # quiet: another process of the same torchrun job printed it
+            print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
@@ -152,6 +153,12 @@ def fit(
     finetune_after: Annotated[
         int, typer.Option(min=0, help="With --finetune: epochs of the decoder alone before layer4 trains too.")
     ] = T.finetune_after,
+    embeddings: Annotated[
+        str, typer.Option(help="Word vectors: random, word2vec (trained on the train captions) or a vectors file.")
+    ] = T.embeddings,
+    freeze_embeddings: Annotated[
+        bool, typer.Option("--freeze-embeddings", help="Keep the word vectors fixed.")
+    ] = T.freeze_embeddings,
 ) -> None:
     """Train the attention-LSTM decoder from the feature store (the ResNet50 is not run again; from a layer3
     store, its layer4 runs on each batch, and trains with the decoder with --finetune layer4).
@@ -186,6 +193,8 @@ def fit(
         finetune=finetune.value if finetune is not None else None,
         encoder_lr=encoder_lr,
         finetune_after=finetune_after,
+        embeddings=embeddings,
+        freeze_embeddings=freeze_embeddings,
     )
     _call(run_fit, cfg)
 

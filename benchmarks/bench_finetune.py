@@ -51,7 +51,7 @@ class PixelsFinetune:
         with torch.no_grad():
             layer3 = self.trunk(x).permute(0, 2, 3, 1)  # (B, 14, 14, 1024), as a layer3 store row
         batch = Batch(layer3, batch.tokens, batch.rows)
-        self.ours.loss_sum += train_step(self.ours.model, self.ours.optimizer, batch, self.ours.cfg)
+        self.ours.loss_sum += train_step(self.ours.module, self.ours.optimizer, batch, self.ours.cfg)
         return batch.tokens.shape[0] * batch.tokens.shape[1]
 
     def close(self) -> None:

@@ -133,10 +133,11 @@ def make_store(
     block: int = 256,
     repeat_block: bool = False,
     layer: str = "layer4",
+    splits: Sequence[str] | None = None,
 ) -> Path:
     """A complete float16 store made with pipeline.store (create + Writer) holding random features of `layer`
     (a layer3 store's layer4 is the seeded random one). repeat_block: write the same random block again and
-    again (fast, for multi-GB stores)."""
+    again (fast, for multi-GB stores). splits: each image's split (default: all train)."""
     from pipeline import store as st
     from pipeline.datasets import CaptionSet
     from pipeline.encoder import WeightsInfo
@@ -147,7 +148,7 @@ def make_store(
     caption_set = CaptionSet(
         images=[f"img{i:06d}.jpg" for i in range(n)],
         captions=[list(c) for c in captions],
-        splits=["train"] * n,
+        splits=list(splits) if splits is not None else ["train"] * n,
         layout="karpathy",
         source=Path("synthetic"),
     )
@@ -358,10 +359,13 @@ class OurTraining:
             encoder = encoder.to(device).requires_grad_(trainable)
             encode = lambda x: run_encoder(encoder, x.to(device))  # noqa: E731
         cfg = DecoderConfig(vocab_size=len(vocab), feature_scale=feature_scale(store.features, rows, encode=encode))
+        from pipeline.loss import CaptionTraining
+
         self.model: torch.nn.Module = Decoder(cfg).to(device)
         if encoder is not None:
             self.model = CaptionModel(self.model, encoder, train_encoder=trainable).to(device)
         self.model.train()
+        self.module = CaptionTraining(self.model)
         self.optimizer = make_optimizer(self.model, 1e-3, encoder_lr)
         self.cfg = TrainConfig(amp=amp)
         self.device, self.seed = device, seed
@@ -378,7 +382,7 @@ class OurTraining:
         from pipeline.train import train_step
 
         batch = next(self._batches)
-        self.loss_sum += train_step(self.model, self.optimizer, batch, self.cfg)
+        self.loss_sum += train_step(self.module, self.optimizer, batch, self.cfg)
         return batch.tokens.shape[0] * batch.tokens.shape[1]
 
     def close(self) -> None:

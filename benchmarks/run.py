@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import (
+    bench_ddp,
     bench_epoch,
     bench_extract,
     bench_finetune,
@@ -42,6 +43,7 @@ SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "generate": bench_generate.run,
     "store": bench_store.run,
     "serve": bench_serve.run,
+    "ddp": bench_ddp.run,
     "finetune": bench_finetune.run,
     "quality": bench_quality.run,
     "epoch": bench_epoch.run,

@@ -19,6 +19,17 @@ BEAM_SIZE = 3
 
 
 @dataclass
+class Word2VecConfig:
+    """gensim Word2Vec parameters for `fit --embeddings word2vec` (the dimension is the embedding size)."""
+
+    sg: bool = True  # skip-gram (better than CBOW on small corpora such as captions)
+    window: int = 5
+    negative: int = 5
+    epochs: int = 10  # gensim's default is 5; captions are a small corpus
+    sample: float = 1e-3  # downsampling of frequent words (gensim's default)
+
+
+@dataclass
 class TrainConfig:
     """`fit`. Saved in each checkpoint as `train_config` (plain values: loadable with weights_only)."""
 
@@ -53,6 +64,10 @@ class TrainConfig:
     finetune: str | None = None  # None | "layer4"
     encoder_lr: float = 1e-4  # Adam's rate for layer4 (`lr` is the decoder's)
     finetune_after: int = 0  # epochs of the decoder alone (layer4 frozen) before layer4 trains too
+    # word vectors (pipeline/embeddings.py): random | word2vec | the path of a vectors file; frozen or trained
+    embeddings: str = "random"
+    freeze_embeddings: bool = False
+    word2vec: Word2VecConfig = field(default_factory=Word2VecConfig)  # used with embeddings="word2vec"
 
     def to_dict(self) -> dict:
         return asdict(self)

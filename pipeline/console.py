@@ -24,11 +24,20 @@ from pipeline.metrics import METRIC_NAMES
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+_quiet = False  # info lines and progress off: the ranks other than 0 of a torchrun job
+
+
+def set_quiet(quiet: bool) -> bool:
+    """Silence (or restore) info lines and progress; warnings still print. Returns the previous setting."""
+    global _quiet
+    previous, _quiet = _quiet, quiet
+    return previous
 
 
 def info(message: str) -> None:
     """A line of normal output (stdout)."""
-    out.print(message, markup=False)
+    if not _quiet:
+        out.print(message, markup=False)
 
 
 def warn(message: str) -> None:
@@ -49,6 +58,9 @@ class _Rate:
 @contextmanager
 def progress(total: int, description: str, unit: str = "it") -> Iterator[callable]:
     """Yield ``advance(n)``; a live Rich bar with rate and ETA on a TTY, a line every ~10% otherwise."""
+    if _quiet:
+        yield lambda n=1, **fields: None
+        return
     if out.is_terminal:
         columns = (
             TextColumn("[bold]{task.description}"),

@@ -73,6 +73,9 @@ class Batch:
     features: torch.Tensor  # (B, h, w, C) as stored (7x7x2048 or 14x14x1024), store dtype, on the device
     tokens: torch.Tensor  # (B, G, T+1) int64 ids, trimmed to the longest caption in the batch
     rows: np.ndarray  # (B,) store rows
+    # The loss weight of this batch (loss.CaptionTraining): 1 in one process; under torchrun, the number of
+    # processes x this process's share of the step's target tokens.
+    weight: float = 1.0
 
 
 class FeatureRows(Protocol):
@@ -88,7 +91,15 @@ class FeatureRows(Protocol):
 
 class Batches:
     """Iterates training or validation batches; features from the memory map, or from a copy resident
-    on the device when one was made (`make_resident`)."""
+    on the device when one was made (`make_resident`).
+
+    Under torchrun, each of the `world` processes makes its own Batches with its `rank`: every process draws
+    the same permutation of the epoch (from (seed, epoch) alone) and cuts it into global batches of
+    batch_size x world images, exactly as one process with that batch size cuts it; process `rank` takes
+    images rank, rank + world, ... of each global batch. The shares are disjoint and together cover the
+    epoch, and every process runs the same number of steps (DDP needs that): a last global batch with fewer
+    images than processes joins the one before it (the other global batches are full, the last one of at
+    least `world` images may be smaller). One process (world 1) cuts the epoch as it always did."""
 
     def __init__(
         self,
@@ -98,14 +109,29 @@ class Batches:
         batch_size: int,
         captions_per_image: int,
         device: torch.device,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.store, self.captions, self.rows = store, captions, np.asarray(rows)
         self.batch_size, self.captions_per_image, self.device = batch_size, captions_per_image, device
+        if not 0 <= rank < world or (world > 1 and len(self.rows) < world):
+            raise ValueError(f"{len(self.rows)} images cannot be shared by {world} processes (rank {rank})")
+        self.rank, self.world = rank, world
         self.resident: torch.Tensor | None = None  # features of self.rows, in self.rows order
         self._position: np.ndarray | None = None  # store row -> index into resident
 
     def __len__(self) -> int:
-        return (len(self.rows) + self.batch_size - 1) // self.batch_size
+        return len(self._bounds())
+
+    def _bounds(self) -> list[tuple[int, int]]:
+        """[start, end) of each global batch in the epoch's order of images."""
+        n, step = len(self.rows), self.batch_size * self.world
+        starts = list(range(0, n, step))
+        if not starts:
+            return []
+        if len(starts) > 1 and n - starts[-1] < self.world:
+            starts.pop()  # too few images for one per process: they join the global batch before
+        return list(zip(starts, [*starts[1:], n], strict=True))
 
     def make_resident(self, chunk: int = 1024) -> None:
         """Copy these rows' features to the device once; batches are then gathered there."""
@@ -122,7 +148,12 @@ class Batches:
         self._position[self.rows] = np.arange(len(self.rows))
 
     def plan(self, epoch: int | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The epoch's batches as (image rows, caption indices). epoch=None: fixed order, fixed captions."""
+        """This process's batches of the epoch as (image rows, caption indices). epoch=None: fixed order,
+        fixed captions."""
+        return [(rows, picks) for rows, picks, _ in self._steps(epoch, seed)]
+
+    def _steps(self, epoch: int | None, seed: int) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        """plan() with each batch's loss weight (Batch.weight)."""
         if epoch is None:
             rows, rng = self.rows, None
         else:
@@ -130,13 +161,23 @@ class Batches:
             rows = self.rows[rng.permutation(len(self.rows))]
         picks = self.captions.pick(rows, self.captions_per_image, rng)
         out = []
-        for i in range(0, len(rows), self.batch_size):
-            r, p = rows[i : i + self.batch_size], picks[i : i + self.batch_size]
+        for start, end in self._bounds():
+            r, p = rows[start:end], picks[start:end]
+            weight = 1.0
+            if self.world > 1:
+                tokens = self._targets(p)  # (global batch,) target tokens of each image's captions
+                r, p = r[self.rank :: self.world], p[self.rank :: self.world]
+                weight = self.world * float(tokens[self.rank :: self.world].sum()) / float(tokens.sum())
             order = np.argsort(r, kind="stable")  # ascending rows: the memory map is read front to back
-            out.append((r[order], p[order]))
+            out.append((r[order], p[order], weight))
         return out
 
-    def _load(self, rows: np.ndarray, picks: np.ndarray) -> Batch:
+    def _targets(self, picks: np.ndarray) -> np.ndarray:
+        """Target tokens (the loss's non-<pad> positions: every id after <start>) of each image's picked
+        captions."""
+        return (self.captions.ids[picks] != 0).sum(axis=(-2, -1)) - picks.shape[-1]
+
+    def _load(self, rows: np.ndarray, picks: np.ndarray, weight: float = 1.0) -> Batch:
         ids = self.captions.ids[picks]  # (B, G, L)
         longest = int((ids != 0).sum(-1).max())
         tokens = torch.from_numpy(ids[..., :longest].astype(np.int64))
@@ -148,15 +189,16 @@ class Batches:
             feats = torch.from_numpy(self.store.features[rows])  # one fancy-indexed read of the map
             if self.device.type == "cuda":
                 feats = feats.pin_memory()
-        return Batch(feats.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True), rows)
+        features, tokens = feats.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
+        return Batch(features, tokens, rows, weight)
 
     def iterate(self, epoch: int | None, seed: int, prefetch: int = 4) -> Iterator[Batch]:
-        plan = self.plan(epoch, seed)
+        plan = self._steps(epoch, seed)
         if self.resident is not None:
-            for rows, picks in plan:
-                yield self._load(rows, picks)
+            for rows, picks, weight in plan:
+                yield self._load(rows, picks, weight)
             return
-        yield from _background((self._load(r, p) for r, p in plan), prefetch)
+        yield from _background((self._load(*step) for step in plan), prefetch)
 
 
 def validation_batches(

@@ -4,8 +4,11 @@
 class UserError(Exception):
     """A problem the user can fix (a missing file, a bad flag value, a mismatched store).
 
-    The CLI prints it as a single ``error: ...`` line on stderr and exits with status 1.
+    The CLI prints it as a single ``error: ...`` line on stderr and exits with status 1. Under torchrun, an
+    error that every rank raises for one decision is printed by rank 0 only: the others' copies are `quiet`.
     """
+
+    quiet: bool = False
 
 
 def describe(e: BaseException) -> str:

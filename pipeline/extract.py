@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline import distributed
 from pipeline.console import info, progress, warn
 from pipeline.datasets import SPLITS, CaptionSet, read_captions
 from pipeline.encoder import ENCODER_NAMES, build_encoder, encode
@@ -121,24 +123,12 @@ def provenance(weights: dict, transform: TransformConfig, dtype: str, layer: str
 
 def extract(cfg: ExtractConfig) -> dict:
     """Fill the store for every captioned, decodable image; resumable. Returns the run's summary."""
+    if distributed.launched_world() > 1:  # under torchrun the processes share the images
+        from pipeline import distributed_extract
+
+        return distributed_extract.extract(cfg)
     start = time.perf_counter()
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
-    if cfg.layer not in ENCODER_NAMES:
-        raise UserError(f"--layer must be one of {', '.join(ENCODER_NAMES)}, not {cfg.layer!r}")
-    if cfg.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    device = resolve_device(cfg.device)
-    images, path = Path(cfg.images), Path(cfg.store)
-    if not images.is_dir():
-        raise UserError(
-            f"images folder {images} is a file, not a folder"
-            if images.exists()
-            else f"images folder not found: {images}"
-        )
-    if path.is_dir():
-        raise UserError(f"--store {path} is a folder; give a file path such as {path / 'features.h5'}")
-    check_writable_folder(path.parent, "the --store folder")  # before reading a single image
+    device, images, path = check_options(cfg)
 
     with exclusive(path, what=str(path)):
         _remove_leftovers(path)
@@ -173,6 +163,29 @@ def extract(cfg: ExtractConfig) -> dict:
         f"{size / 2**30:.2f} GiB at {path}, {now['written_now']} this run in {seconds:.1f}s"
     )
     return summary
+
+
+def check_options(cfg: ExtractConfig) -> tuple[torch.device, Path, Path]:
+    """What can be refused before any work: bad values, no such device, a missing images folder, a --store
+    that is a folder or in a folder that cannot be written. Returns the device, images folder, store path."""
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    if cfg.layer not in ENCODER_NAMES:
+        raise UserError(f"--layer must be one of {', '.join(ENCODER_NAMES)}, not {cfg.layer!r}")
+    if cfg.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    device = resolve_device(cfg.device)
+    images, path = Path(cfg.images), Path(cfg.store)
+    if not images.is_dir():
+        raise UserError(
+            f"images folder {images} is a file, not a folder"
+            if images.exists()
+            else f"images folder not found: {images}"
+        )
+    if path.is_dir():
+        raise UserError(f"--store {path} is a folder; give a file path such as {path / 'features.h5'}")
+    check_writable_folder(path.parent, "the --store folder")  # before reading a single image
+    return device, images, path
 
 
 def _skipped_text(counts: dict) -> str:
@@ -364,12 +377,18 @@ def _loader(cfg: ExtractConfig, captions: CaptionSet, rows: np.ndarray, cuda: bo
 
 
 def _extract_rows(
-    cfg: ExtractConfig, trunk: torch.nn.Module, device: torch.device, captions: CaptionSet, rows: np.ndarray
+    cfg: ExtractConfig,
+    trunk: torch.nn.Module,
+    device: torch.device,
+    captions: CaptionSet,
+    rows: np.ndarray,
+    open_writer: Callable[[], Writer] | None = None,
 ) -> tuple[dict, dict]:
     """Decode, encode and write `rows`; returns the store's counts and this run's. A dead decoding worker and
-    running out of memory are UserErrors; either way every batch written so far is kept."""
+    running out of memory are UserErrors; either way every batch written so far is kept. `open_writer`: what
+    the rows are written through (store.Writer by default; one rank's share under torchrun)."""
     try:
-        return _encode_and_write(cfg, trunk, device, captions, rows)
+        return _encode_and_write(cfg, trunk, device, captions, rows, open_writer or partial(Writer, cfg.store))
     except torch.cuda.OutOfMemoryError:
         raise UserError(
             f"out of memory on {device} with --batch-size {cfg.batch_size}: rerun with a smaller --batch-size "
@@ -385,7 +404,12 @@ def _extract_rows(
 
 
 def _encode_and_write(
-    cfg: ExtractConfig, trunk: torch.nn.Module, device: torch.device, captions: CaptionSet, rows: np.ndarray
+    cfg: ExtractConfig,
+    trunk: torch.nn.Module,
+    device: torch.device,
+    captions: CaptionSet,
+    rows: np.ndarray,
+    open_writer: Callable[[], Writer],
 ) -> tuple[dict, dict]:
     cuda = device.type == "cuda"
     trunk = trunk.to(device, memory_format=torch.channels_last)
@@ -394,7 +418,7 @@ def _encode_and_write(
     # hold its file descriptor, nor the HDF5 lock on it.
     batches = iter(_loader(cfg, captions, rows, cuda))
     now = {"written_now": 0, "skipped_now": 0, "unreadable_now": 0}
-    writer = Writer(cfg.store)
+    writer = open_writer()
     try:
         with progress(len(rows), "extract", unit="img") as advance, torch.inference_mode():
             for batch_rows, pixels, status, reasons in batches:

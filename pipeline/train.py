@@ -1,13 +1,19 @@
-"""`fit`: train the decoder from the memory-mapped store; from a layer3 store, optionally ResNet50's layer4 too.
+"""`fit`: train the decoder from the memory-mapped store, in one process or under torchrun; from a layer3 store,
+optionally ResNet50's layer4 too.
 
 The model is a `CaptionModel`: the decoder, with layer4 in front of it when the store holds layer3 features
-(`--finetune layer4` trains it, with its own learning rate; otherwise it runs frozen, under no_grad).
+(`--finetune layer4` trains it, with its own learning rate; otherwise it runs frozen, under no_grad). fit
+trains it inside `loss.CaptionTraining`, the one module DDP wraps.
 
-`fit` is the loop. What it is built from: `prepare` (store, vocabulary, encoded captions), `build_model` and
-`build_encoder` (the decoder, the layer4 a layer3 store needs), `make_optimizer`/`make_scheduler`,
-`train_epoch` (one pass, `train_step` per batch), `validate` (loss, CIDEr-D, a sample caption), `Best` (which
-epoch model.pt holds), and `save_epoch` (the run's files, through pipeline/checkpoint.py and
-pipeline/history.py).
+`fit` is the loop. What it is built from: `prepare` (store, vocabulary, encoded captions), `build_model`,
+`make_optimizer`/`make_scheduler`, `train_epoch` (one pass, `train_step` per batch), `validate` (loss,
+CIDEr-D, a sample caption), `Best` (which epoch model.pt holds), and `save_epoch` (the run's files, through
+pipeline/checkpoint.py and pipeline/history.py).
+
+Under torchrun (pipeline/distributed.py) every rank runs the same loop on its share of each global batch
+(`data.Batches`), with the training module wrapped in DistributedDataParallel; rank 0 alone looks at and
+writes OUT, and validation is split across the ranks and gathered. In one process none of that exists: no
+process group, no wrapper, the same arithmetic as before.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +28,17 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint, history
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, Word2VecConfig
 from pipeline.console import info, progress
 from pipeline.data import Batches, CaptionIndex, feature_scale, validation_batches
 from pipeline.decode import decode_rows
+from pipeline.distributed import Dist, session
 from pipeline.encoder import build_recorded, split_resnet50
 from pipeline.errors import UserError, describe
 from pipeline.figures import training_curves
-from pipeline.loss import caption_loss, validation_loss
+from pipeline.loss import CaptionTraining, caption_loss, validation_sums
 from pipeline.model import DECODER_PRESETS, CaptionModel, Decoder, DecoderConfig, count_parameters, run_encoder
-from pipeline.runtime import autocast, resolve_device
+from pipeline.runtime import autocast
 from pipeline.store import FeatureStore, layer_of
 from pipeline.vocab import Vocabulary
 
@@ -64,6 +70,10 @@ RESUMED_KEYS = (
     # how model.pt is chosen: CIDEr-D and loss scores of different epochs must not be compared
     "val_decode_images",
     "val_beam_size",
+    # how the word vectors began (their values are in the weights) and whether they train
+    "embeddings",
+    "freeze_embeddings",
+    "word2vec",
 )
 
 
@@ -154,10 +164,11 @@ class TrainingState:
 
 @dataclass
 class Validation:
-    """What each epoch is validated on, fixed for the run."""
+    """What each epoch is validated on, fixed for the run. Under torchrun each rank holds its share of the
+    validation images' batches and decodes its share of `decode_rows`."""
 
-    batches: Batches  # the validation images' first 5 captions, for the loss
-    decode_rows: np.ndarray  # images decoded for CIDEr-D (none: choose by loss)
+    batches: Batches  # the validation images' first 5 captions, for the loss (this rank's share)
+    decode_rows: np.ndarray  # images decoded for CIDEr-D (none: choose by loss), all of them
     references: list[list[str]]  # their captions
     sample_row: int  # the image whose caption is printed each epoch
     sample_name: str
@@ -233,7 +244,13 @@ def train_vocabulary(
 def resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     """The config of a resumed run: `cfg` (epochs, device, out, amp... from the command line) with the
     RESUMED_KEYS of the checkpoint's train_config. `cfg` itself is not changed."""
-    return dataclasses.replace(cfg, **{k: saved[k] for k in RESUMED_KEYS if k in saved})
+    resumed = {k: saved[k] for k in RESUMED_KEYS if k in saved}
+    if isinstance(resumed.get("word2vec"), dict):  # saved as a plain dict (weights_only checkpoints)
+        resumed["word2vec"] = Word2VecConfig(**resumed["word2vec"])
+    # checkpoints from before word vectors: random and trained, whatever this command line says
+    resumed.setdefault("embeddings", "random")
+    resumed.setdefault("freeze_embeddings", False)
+    return dataclasses.replace(cfg, **resumed)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, scale: float) -> Decoder:
@@ -284,55 +301,59 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
     )
 
 
-Model = Decoder | CaptionModel
-LossFn = Callable[[Model, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
-
-
-def train_step(
-    model: Model, optimizer: torch.optim.Optimizer, batch, cfg: TrainConfig, loss_fn: LossFn = caption_loss
-) -> torch.Tensor:
-    """One optimisation step on a batch; returns the (detached) masked loss. fit and the benchmarks use it."""
+def train_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, cfg: TrainConfig) -> torch.Tensor:
+    """One optimisation step on a batch; returns the (detached) masked loss times the batch's weight (the
+    loss itself in one process). `module` is a loss.CaptionTraining (DDP-wrapped under torchrun). fit and the
+    benchmarks use it."""
     with autocast(batch.features.device, cfg.amp):
-        total, loss = loss_fn(model, batch.features, batch.tokens, cfg.attention_penalty)
+        total, loss = module(batch.features, batch.tokens, batch.weight)
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    total.backward()  # under DDP: the gradients are averaged over the ranks here
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
     optimizer.step()
-    return loss.detach()
+    return loss.detach() if batch.weight == 1.0 else loss.detach() * batch.weight
 
 
 def train_epoch(
-    model: Model,
+    module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Batches,
     epoch: int,
     cfg: TrainConfig,
-    loss_fn: LossFn = caption_loss,
+    dist: Dist | None = None,
 ) -> dict:
-    """One pass over the training images: train_loss (mean over batches), seconds (the pass alone) and
-    samples_per_second (captions)."""
-    model.train()
+    """One pass over the training images: train_loss (mean over steps of the step's loss), seconds (the pass
+    alone) and samples_per_second (captions, of all the ranks)."""
+    dist = dist or Dist()
+    module.train()
     device = batches.device
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per batch
     samples = 0
     with progress(len(batches), f"epoch {epoch}/{cfg.epochs}", unit="batch") as advance:
         for batch in batches.iterate(epoch, cfg.seed):
-            loss_sum += train_step(model, optimizer, batch, cfg, loss_fn)
+            loss_sum += train_step(module, optimizer, batch, cfg)
             samples += batch.tokens.shape[0] * batch.tokens.shape[1]
             advance(1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    return {"train_loss": float(loss_sum) / len(batches), "seconds": seconds, "samples_per_second": samples / seconds}
+    # Under torchrun each rank's losses carry its token share x world: their sum over the ranks, over world,
+    # is the step's loss. One process: the sum and the count as they are.
+    total, samples = dist.sum(float(loss_sum), samples)
+    record = {"train_loss": total / (len(batches) * dist.world), "seconds": seconds}
+    record["samples_per_second"] = samples / seconds
+    if dist.enabled:
+        record["processes"] = dist.world
+    return record
 
 
-def validation_set(data: TrainingData, cfg: TrainConfig, device: torch.device) -> Validation:
+def validation_set(data: TrainingData, cfg: TrainConfig, dist: Dist) -> Validation:
     decode = data.val_rows[: cfg.val_decode_images] if cfg.val_decode_images > 0 else data.val_rows[:0]
     sample_row = int(data.val_rows[0]) if len(data.val_rows) else int(data.train_rows[0])
     return Validation(
-        validation_batches(data.store, data.captions, data.val_rows, device, cfg.batch_size),
+        validation_batches(data.store, data.captions, dist.part(data.val_rows), dist.device, cfg.batch_size),
         decode,
         data.captions.references(decode),  # read once, not every epoch
         sample_row,
@@ -341,70 +362,117 @@ def validation_set(data: TrainingData, cfg: TrainConfig, device: torch.device) -
 
 
 @torch.no_grad()
-def validate(model: CaptionModel, data: TrainingData, val: Validation, cfg: TrainConfig) -> dict:
+def validate(
+    model: CaptionModel, data: TrainingData, val: Validation, cfg: TrainConfig, dist: Dist | None = None
+) -> dict:
     """val_loss and val_perplexity, val_cider_d (greedy captions of the decoded images, when there are
-    any), and `sample`: the caption of the sample image."""
+    any), and `sample`: the caption of the sample image. Under torchrun the ranks share the work (losses
+    summed, captions gathered in order) and every rank returns rank 0's record."""
     from pipeline.metrics import cider_d  # pycocoevalcap: imported when first needed
 
+    dist = dist or Dist()
     model.eval()
     device, steps = val.batches.device, cfg.max_len - 1
-    record = {"val_loss": validation_loss(model, val.batches, cfg.amp) if len(data.val_rows) else float("nan")}
+    total, tokens = dist.sum(*validation_sums(model, val.batches, cfg.amp))
+    record = {"val_loss": total / max(tokens, 1) if len(data.val_rows) else float("nan")}
     record["val_perplexity"] = math.exp(min(record["val_loss"], 50))
     if len(val.decode_rows):
-        decoded = decode_rows(model, data.store.features, val.decode_rows, device, cfg.val_beam_size, steps)
-        record["val_cider_d"] = cider_d([data.vocab.decode(d.tokens) for d in decoded], val.references)
-    sample = decode_rows(model, data.store.features, np.array([val.sample_row]), device, 1, steps)[0]
-    record["sample"] = data.vocab.decode(sample.tokens)
-    return record
+        mine = decode_rows(model, data.store.features, dist.part(val.decode_rows), device, cfg.val_beam_size, steps)
+        decoded = dist.gather_sequences([d.tokens for d in mine], steps)  # padded for the gather, in row order
+        if dist.is_main:
+            record["val_cider_d"] = cider_d([data.vocab.decode(d) for d in decoded], val.references)
+    if dist.is_main:
+        sample = decode_rows(model, data.store.features, np.array([val.sample_row]), device, 1, steps)[0]
+        record["sample"] = data.vocab.decode(sample.tokens)
+    return dist.broadcast(record)
 
 
 def fit(cfg: TrainConfig) -> dict:
     """Train for `cfg.epochs` epochs in total (resumed epochs included). After each epoch: OUT/metrics.jsonl,
     OUT/model.pt when the epoch is the best so far, OUT/last.pt, OUT/curves.png. Returns the last epoch's
-    metrics ({} when last.pt already had every epoch)."""
+    metrics ({} when last.pt already had every epoch).
+
+    Under torchrun: every rank trains; rank 0 alone reads and writes OUT. Whatever it refuses, it refuses
+    before anything is written, and every rank stops with the same error."""
     check_config(cfg)
-    files = RunFiles(Path(cfg.out))
-    ckpt = _load_last(files) if cfg.resume else _refuse_earlier_run(files)
-    if ckpt is not None:
-        cfg = resume_config(cfg, ckpt["train_config"])
+    with session(cfg.device) as dist:
+        files = RunFiles(Path(cfg.out))
+        # OUT is rank 0's: it makes the refusals and reads last.pt; the others get the same checkpoint (no
+        # need for OUT to be visible from every node) or raise the same error.
+        ckpt = dist.decide(lambda: _load_last(files) if cfg.resume else _refuse_earlier_run(files))
+        if ckpt is not None:
+            cfg = resume_config(cfg, ckpt["train_config"])
+        data = dist.check(lambda: _prepare_checked(cfg, ckpt, files, dist.world))
+        if ckpt is None:
+            state = start(cfg, data, dist.device)
+        else:
+            state = resume(ckpt, cfg, files, dist.device)
+            if dist.is_main:
+                state.records = resumed_history(ckpt, files)
+            if state.epoch >= cfg.epochs:
+                info(f"{files.last} already has {state.epoch} epochs (asked for {cfg.epochs}): nothing to do")
+                return {}
+            info(f"resuming from {files.last} after epoch {state.epoch}")
+        if dist.is_main:
+            files.out.mkdir(parents=True, exist_ok=True)
+        return run_epochs(state, data, cfg, files, dist)
+
+
+def _prepare_checked(cfg: TrainConfig, ckpt: dict | None, files: RunFiles, world: int) -> TrainingData:
+    """prepare(), and what this rank's store must satisfy: last.pt's features and vocabulary on --resume,
+    at least one training image per process."""
     data = prepare(cfg)
     check_finetune(cfg, data.store)
-    device = resolve_device(cfg.device)
-    if ckpt is None:
-        state = start(cfg, data, device)
-    else:
+    if ckpt is not None:
         _check_resumable(ckpt, data, files.last)
-        state = resume(ckpt, cfg, files, device)
-        if state.epoch >= cfg.epochs:
-            info(f"{files.last} already has {state.epoch} epochs (asked for {cfg.epochs}): nothing to do")
-            return {}
-        info(f"resuming from {files.last} after epoch {state.epoch}")
-    files.out.mkdir(parents=True, exist_ok=True)
+    if len(data.train_rows) < world:
+        raise UserError(f"{len(data.train_rows)} training images cannot be shared by {world} processes")
+    return data
 
-    train = Batches(data.store, data.captions, data.train_rows, cfg.batch_size, cfg.captions_per_image, device)
+
+def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files: RunFiles, dist: Dist) -> dict:
+    """The loop: epochs state.epoch + 1 .. cfg.epochs, each trained, validated and (by rank 0) saved. Returns
+    the last epoch's metrics."""
+    device = dist.device
+    train = Batches(
+        data.store, data.captions, data.train_rows, cfg.batch_size, cfg.captions_per_image, device,
+        rank=dist.rank, world=dist.world,
+    )
     if _fits_on_gpu(cfg, train, device):
         train.make_resident()
-    val = validation_set(data, cfg, device)
+    val = validation_set(data, cfg, dist)
     loss_fn = torch.compile(caption_loss) if cfg.compile else caption_loss
+    # layer4 trains only after --finetune-after epochs: until then DDP must expect parameters without gradients
+    partial = cfg.finetune is not None and cfg.finetune_after > state.epoch
+    module = dist.wrap(CaptionTraining(state.model, cfg.attention_penalty, loss_fn), find_unused_parameters=partial)
     info(
         f"fit: {len(data.train_rows)} train / {len(data.val_rows)} val images, vocabulary {len(data.vocab)}, "
         f"{count_parameters(state.model, trainable=True) / 1e6:.1f}M parameters trained, device {device}"
         + (", features resident on the GPU" if train.resident is not None else "")
+        + (
+            f", {dist.world} processes (global batch {cfg.batch_size * dist.world} images)"
+            if dist.enabled
+            else ""
+        )
     )
     encoder_note(cfg, data.store)
     record: dict = {}
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        dist.seed_epoch(cfg.seed, epoch)
         state.model.train_encoder = trains_encoder(cfg, epoch)
-        record = {"epoch": epoch} | train_epoch(state.model, state.optimizer, train, epoch, cfg, loss_fn)
+        record = {"epoch": epoch} | train_epoch(module, state.optimizer, train, epoch, cfg, dist)
         state.scheduler.step()
         record["lr"] = state.optimizer.param_groups[0]["lr"]
         if cfg.finetune is not None:
             record["encoder_lr"] = state.optimizer.param_groups[1]["lr"]
             record["encoder_trained"] = state.model.train_encoder
-        record |= validate(state.model, data, val, cfg)
+        record |= validate(state.model, data, val, cfg, dist)
+        # every rank gets the same record (losses all-reduced, rank 0's validation broadcast) and the same
+        # best so far (restored from the same last.pt): the best-epoch choice is the same on every rank
         is_best = state.end_epoch(record)
-        save_epoch(files, state, data, cfg, is_best)
-        info(_epoch_line(record, is_best, val.sample_name))
+        if dist.is_main:
+            save_epoch(files, state, data, cfg, is_best)
+            info(_epoch_line(record, is_best, val.sample_name))
     return record
 
 
@@ -439,17 +507,36 @@ def start(cfg: TrainConfig, data: TrainingData, device: torch.device) -> Trainin
             encode = lambda x: run_encoder(encoder, x.to(device))  # noqa: E731
         scale = feature_scale(data.store.features, data.train_rows, encode=encode)
     model = CaptionModel(build_model(cfg, len(data.vocab), scale), encoder).to(device)
+    if cfg.embeddings != "random":  # initial word vectors (numpy-seeded: torch's RNG stream is untouched)
+        from pipeline.embeddings import initial_vectors
+
+        captions = [t for caps in data.captions.references(data.train_rows) for t in caps]
+        decoder = model.decoder
+        vectors = initial_vectors(cfg.embeddings, data.vocab, captions, decoder.cfg.embed_dim, cfg.seed, cfg.word2vec)
+        info(vectors.summary())
+        with torch.no_grad():
+            decoder.embedding.weight.copy_(torch.from_numpy(vectors.matrix))
+    freeze_embeddings(model.decoder, cfg)
     optimizer = make_optimizer(model, cfg.lr, cfg.encoder_lr)
     return TrainingState(model, optimizer, make_scheduler(optimizer, cfg))
 
 
+def freeze_embeddings(model: Decoder, cfg: TrainConfig) -> None:
+    """`--freeze-embeddings`: no gradient for the word vectors; Adam (fused too) skips a parameter whose .grad
+    stays None, so it keeps no state for it and a resumed optimizer loads as saved."""
+    if cfg.freeze_embeddings:
+        model.embedding.weight.requires_grad_(False)
+
+
 def resume(ckpt: dict, cfg: TrainConfig, files: RunFiles, device: torch.device) -> TrainingState:
-    """The run saved in last.pt (`ckpt`), continued: weights, optimizer, scheduler, RNG, best epoch and the
-    metrics of the epochs it holds (lines of later epochs, written before a kill, are dropped)."""
+    """The run saved in last.pt (`ckpt`), continued: weights, optimizer, scheduler, RNG and best epoch. It reads
+    nothing from OUT: under torchrun every rank resumes from rank 0's copy of last.pt. The metrics of the epochs
+    it holds come from `resumed_history` (rank 0)."""
     model, _ = checkpoint.build_model(ckpt, files.last, layer_of(ckpt["store"]))
     if model.encoder is not None:
         model.encoder.requires_grad_(cfg.finetune is not None)
     model.to(device)
+    freeze_embeddings(model.decoder, cfg)
     optimizer = make_optimizer(model, cfg.lr, cfg.encoder_lr)
     scheduler = make_scheduler(optimizer, cfg)
     try:
@@ -459,12 +546,17 @@ def resume(ckpt: dict, cfg: TrainConfig, files: RunFiles, device: torch.device) 
         best = Best.from_dict(ckpt["best"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # what mismatched states raise
         raise UserError(f"{files.last} is not a valid last.pt: {describe(e)}") from None
-    epoch = ckpt["epoch"]
+    return TrainingState(model, optimizer, scheduler, ckpt["epoch"], best)
+
+
+def resumed_history(ckpt: dict, files: RunFiles) -> list[dict]:
+    """The metrics of the epochs last.pt holds; lines of later epochs, written before a kill, are dropped from
+    metrics.jsonl. Rank 0 only: it writes."""
     found = history.read(files.metrics)
-    records = [r for r in found if isinstance(r.get("epoch"), int) and r["epoch"] <= epoch]
+    records = [r for r in found if isinstance(r.get("epoch"), int) and r["epoch"] <= ckpt["epoch"]]
     if records != found:
         history.write(files.metrics, records)
-    return TrainingState(model, optimizer, scheduler, epoch, best, records)
+    return records
 
 
 def save_epoch(files: RunFiles, state: TrainingState, data: TrainingData, cfg: TrainConfig, is_best: bool) -> None:

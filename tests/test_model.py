@@ -409,12 +409,13 @@ def test_training_loss_and_gradients_unchanged_when_whole_images_end_early():
 def test_train_step_with_amp_on_cpu_updates_the_model():
     """`fit --amp` on a CPU: bf16 autocast, a finite loss, and the weights move."""
     from pipeline.data import Batch
+    from pipeline.loss import CaptionTraining
     from pipeline.train import TrainConfig, make_optimizer, train_step
 
     model = _narrow_model(seed=6)
     before = model.gates.weight.detach().clone()
     batch = Batch(_features(3, dim=NARROW_D).half(), _tokens(3, 1, 6), np.arange(3))
-    loss = train_step(model, make_optimizer(model, 1e-3), batch, TrainConfig(amp=True))
+    loss = train_step(CaptionTraining(model), make_optimizer(model, 1e-3), batch, TrainConfig(amp=True))
     assert torch.isfinite(loss) and loss > 0
     assert not torch.equal(before, model.gates.weight)
 

@@ -30,7 +30,7 @@ from pipeline.serve import ServeConfig, create_app
 from pipeline.train import TrainConfig, fit
 from pipeline.transform import open_image, resize_uint8
 
-TINY = DECODER_PRESETS["tiny"]  # the narrow decoder, chosen by name (`fit --decoder tiny`)
+TINY = DECODER_PRESETS["tiny"]  # the narrow decoder, selected by name
 CAP_MB = 1.0  # the test app's --max-upload-mb: real photos (50-200 KB) pass, a 1 MiB file does not
 CPU = torch.device("cpu")
 
@@ -38,7 +38,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
     """As test_outputs.py's `trained`: demo images, a store made by extract (--weights none, so that photos
-    captioned later get features on the scale the model was trained on), then fit, here with the narrow decoder."""
+    captioned later get features on the scale the model was trained on), then fit, here with the tiny decoder."""
     root = tmp_path_factory.mktemp("serve")
     captions = make_dataset(root / "data", 10, size=64, seed=1)
     store = root / "features.h5"
