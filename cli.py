@@ -39,6 +39,15 @@ class Split(str, Enum):
     val = "val"
 
 
+class Layer(str, Enum):
+    layer4 = "layer4"
+    layer3 = "layer3"
+
+
+class Finetune(str, Enum):
+    layer4 = "layer4"
+
+
 @app.callback()
 def main() -> None:
     """Image captioning from a cached ResNet50 feature store: extract, fit, evaluate, generate, demo."""
@@ -72,8 +81,12 @@ def extract(
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="Feature dtype.")] = Dtype.float16,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made differently.")] = False,
+    layer: Annotated[
+        Layer, typer.Option(help="Stage stored: layer4 (7x7x2048) or layer3 (14x14x1024, for fit --finetune layer4).")
+    ] = Layer.layer4,
 ) -> None:
-    """Run a frozen ResNet50 once over every captioned image and store its 7x7x2048 features.
+    """Run a frozen ResNet50 once over every captioned image and store its 7x7x2048 features (layer4), or its
+    14x14x1024 layer3 features for fine-tuning layer4 (--layer layer3: twice the disk).
 
     Rerunning the same command resumes an interrupted run; on a complete store it does nothing.
     """
@@ -90,6 +103,7 @@ def extract(
         device=device,
         dtype=dtype.value,
         overwrite=overwrite,
+        layer=layer.value,
     )
     _call(run_extract, cfg)
 
@@ -131,6 +145,14 @@ def fit(
         bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast [default: on CUDA, off on CPU].")
     ] = T.amp,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder.")] = T.compile,
+    finetune: Annotated[
+        Finetune | None,
+        typer.Option(help="Train ResNet50's layer4 with the decoder (needs a store made with extract --layer layer3)."),
+    ] = T.finetune,
+    encoder_lr: Annotated[float, typer.Option(help="Adam learning rate of layer4 with --finetune.")] = T.encoder_lr,
+    finetune_after: Annotated[
+        int, typer.Option(min=0, help="With --finetune: epochs of the decoder alone before layer4 trains too.")
+    ] = T.finetune_after,
     embeddings: Annotated[
         str, typer.Option(help="Word vectors: random, word2vec (trained on the train captions) or a vectors file.")
     ] = T.embeddings,
@@ -138,7 +160,8 @@ def fit(
         bool, typer.Option("--freeze-embeddings", help="Keep the word vectors fixed.")
     ] = T.freeze_embeddings,
 ) -> None:
-    """Train the attention-LSTM decoder from the feature store (the ResNet50 is not run again).
+    """Train the attention-LSTM decoder from the feature store (the ResNet50 is not run again; from a layer3
+    store, its layer4 runs on each batch, and trains with the decoder with --finetune layer4).
 
     Writes OUT/model.pt (best by validation CIDEr-D), OUT/last.pt (for --resume), OUT/metrics.jsonl and
     OUT/curves.png.
@@ -167,6 +190,9 @@ def fit(
         val_decode_images=val_decode_images,
         amp=amp,
         compile=compile,
+        finetune=finetune.value if finetune is not None else None,
+        encoder_lr=encoder_lr,
+        finetune_after=finetune_after,
         embeddings=embeddings,
         freeze_embeddings=freeze_embeddings,
     )

@@ -119,9 +119,11 @@ def write_karpathy(path: Path, names: Sequence[str], captions: Sequence[Sequence
     return path
 
 
-def random_features(rng: np.random.Generator, n: int) -> np.ndarray:
-    """(n, 7, 7, 2048) float16, non-negative like post-ReLU ResNet features."""
-    return np.abs(rng.standard_normal((n, 7, 7, 2048), dtype=np.float32)).astype(np.float16)
+def random_features(rng: np.random.Generator, n: int, layer: str = "layer4") -> np.ndarray:
+    """(n, 7, 7, 2048) (or layer3's (n, 14, 14, 1024)) float16, non-negative like post-ReLU ResNet features."""
+    from pipeline.encoder import FEATURE_SHAPES
+
+    return np.abs(rng.standard_normal((n, *FEATURE_SHAPES[layer]), dtype=np.float32)).astype(np.float16)
 
 
 def make_store(
@@ -130,11 +132,12 @@ def make_store(
     seed: int = 0,
     block: int = 256,
     repeat_block: bool = False,
+    layer: str = "layer4",
     splits: Sequence[str] | None = None,
 ) -> Path:
-    """A complete float16 store made with pipeline.store (create + Writer) holding random features.
-    repeat_block: write the same random block again and again (fast, for multi-GB stores).
-    splits: each image's split (default: all train)."""
+    """A complete float16 store made with pipeline.store (create + Writer) holding random features of `layer`
+    (a layer3 store's layer4 is the seeded random one). repeat_block: write the same random block again and
+    again (fast, for multi-GB stores). splits: each image's split (default: all train)."""
     from pipeline import store as st
     from pipeline.datasets import CaptionSet
     from pipeline.encoder import WeightsInfo
@@ -149,14 +152,14 @@ def make_store(
         layout="karpathy",
         source=Path("synthetic"),
     )
-    st.create(path, caption_set, provenance(WeightsInfo("none", "").to_dict(), TransformConfig(), "float16"))
+    st.create(path, caption_set, provenance(WeightsInfo("none", "").to_dict(), TransformConfig(), "float16", layer))
     rng = np.random.default_rng(seed)
-    fixed = random_features(rng, block) if repeat_block else None
+    fixed = random_features(rng, block, layer) if repeat_block else None
     writer = st.Writer(path)
     try:
         for start in range(0, n, block):
             rows = np.arange(start, min(start + block, n))
-            feats = fixed[: len(rows)] if fixed is not None else random_features(rng, len(rows))
+            feats = fixed[: len(rows)] if fixed is not None else random_features(rng, len(rows), layer)
             writer.write(rows, feats, st.WRITTEN)
         writer.finish()
     finally:
@@ -319,7 +322,9 @@ class InMemory:
 class OurTraining:
     """pipeline.model.Decoder trained by fit's own pieces: Batches (memory map or resident, prefetch thread),
     `train.make_optimizer` (Adam 1e-3) and `train.train_step` (autocast as fit's --amp, masked loss, clip 5).
-    `step()` runs one batch and returns the captions it trained on; epochs follow each other as in fit."""
+    `step()` runs one batch and returns the captions it trained on; epochs follow each other as in fit.
+    With `encoder` (a layer4 head, on a layer3 store): fit --finetune layer4's model, a CaptionModel whose layer4
+    trains at `encoder_lr` (or runs frozen with trainable=False), the feature scale measured on its output."""
 
     def __init__(
         self,
@@ -331,9 +336,12 @@ class OurTraining:
         source: str = "mmap",  # mmap | resident
         seed: int = 0,
         amp: bool | None = None,  # fit's --amp: None = bf16 on CUDA only
+        encoder: torch.nn.Module | None = None,
+        encoder_lr: float = 1e-4,
+        trainable: bool = True,
     ) -> None:
         from pipeline.data import Batches, CaptionIndex, feature_scale
-        from pipeline.model import Decoder, DecoderConfig
+        from pipeline.model import CaptionModel, Decoder, DecoderConfig, run_encoder
         from pipeline.train import TrainConfig, make_optimizer
         from pipeline.vocab import MAX_LEN
 
@@ -346,13 +354,19 @@ class OurTraining:
         if source == "resident" and device.type == "cuda":
             self.batches.make_resident()
         torch.manual_seed(seed)
-        cfg = DecoderConfig(vocab_size=len(vocab), feature_scale=feature_scale(store.features, rows))
+        encode = None
+        if encoder is not None:
+            encoder = encoder.to(device).requires_grad_(trainable)
+            encode = lambda x: run_encoder(encoder, x.to(device))  # noqa: E731
+        cfg = DecoderConfig(vocab_size=len(vocab), feature_scale=feature_scale(store.features, rows, encode=encode))
         from pipeline.loss import CaptionTraining
 
-        self.model = Decoder(cfg).to(device)
+        self.model: torch.nn.Module = Decoder(cfg).to(device)
+        if encoder is not None:
+            self.model = CaptionModel(self.model, encoder, train_encoder=trainable).to(device)
         self.model.train()
         self.module = CaptionTraining(self.model)
-        self.optimizer = make_optimizer(self.model, 1e-3)
+        self.optimizer = make_optimizer(self.model, 1e-3, encoder_lr)
         self.cfg = TrainConfig(amp=amp)
         self.device, self.seed = device, seed
         self.loss_sum = torch.zeros((), device=device)

@@ -21,7 +21,18 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_ddp, bench_extract, bench_fit, bench_generate, bench_scaling, bench_serve, bench_store
+from benchmarks import (
+    bench_ddp,
+    bench_epoch,
+    bench_extract,
+    bench_finetune,
+    bench_fit,
+    bench_generate,
+    bench_quality,
+    bench_scaling,
+    bench_serve,
+    bench_store,
+)
 from benchmarks.common import ROOT, BenchmarkError, Context, Table, require_data
 from pipeline.files import write_text_atomic
 
@@ -33,7 +44,11 @@ SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "store": bench_store.run,
     "serve": bench_serve.run,
     "ddp": bench_ddp.run,
+    "finetune": bench_finetune.run,
+    "quality": bench_quality.run,
+    "epoch": bench_epoch.run,
 }
+OPT_IN = ("quality", "epoch")  # long (the demo trained twice; Flickr30k-scale epochs): run only when named
 
 
 def cpu_model() -> str:
@@ -130,7 +145,10 @@ def save(out: Path, key: str, entry: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: the whole suite in a minute or two")
-    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), metavar="NAME", help=f"{', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(SECTIONS), metavar="NAME",
+        help=f"{', '.join(SECTIONS)} ({', '.join(OPT_IN)}: only when named)",
+    )  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json", help="JSON results file")
     args = parser.parse_args(argv)
@@ -143,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     device = torch.device(args.device)
-    names = args.only or list(SECTIONS)
+    names = args.only or [name for name in SECTIONS if name not in OPT_IN]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     info = machine(device)
     print(machine_table(info, started, args.quick), flush=True)

@@ -1,4 +1,10 @@
-"""A trained captioner for new photos: the checkpoint's decoder plus the encoder it was trained on."""
+"""A trained captioner for new photos: the checkpoint's model plus the encoder its training store was made with.
+
+For a model trained on a layer4 store, the ResNet50 trunk up to layer4 makes the features. For one trained on
+a layer3 store, the trunk runs from the stem to layer3, the features are rounded to the store's dtype (as the
+stored ones were), and layer4 follows: the checkpoint's fine-tuned one, or the frozen one of the recorded
+weights. Both ResNet50 parts come from the same weights, checked against the recorded sha256.
+"""
 
 from __future__ import annotations
 
@@ -11,33 +17,23 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.decode import Decoded, beam_search
-from pipeline.encoder import WeightsInfo, build_encoder, encode
-from pipeline.errors import UserError
-from pipeline.model import Decoder
-from pipeline.store import DTYPES
+from pipeline.encoder import build_recorded, encode, recorded_weights, trunk_of
+from pipeline.model import CaptionModel, Decoder
+from pipeline.store import DTYPES, layer_of
 from pipeline.transform import TransformConfig, normalize
 from pipeline.vocab import Vocabulary
 
 
 def encoder_spec(store_identity: dict) -> str:
     """The `--weights` value that rebuilds the encoder a checkpoint's store was made with."""
-    name = store_identity.get("weights", "")
-    if name in ("none", "IMAGENET1K_V1", "IMAGENET1K_V2"):
-        return name
-    path = store_identity.get("weights_path", "")
-    if not path or not Path(path).is_file():
-        raise UserError(
-            f"the encoder weights file the features were made with is not at {path or '(unrecorded)'} any more; "
-            "put it back there to caption new photos with this model"
-        )
-    return path
+    return recorded_weights(store_identity)
 
 
 @dataclass
 class Captioner:
-    decoder: Decoder
+    model: CaptionModel  # the decoder, and layer4 when the features are layer3's
     vocab: Vocabulary
-    encoder: torch.nn.Module
+    encoder: torch.nn.Module  # the frozen trunk, up to the stage the training store held
     transform: TransformConfig
     feature_dtype: np.dtype
     device: torch.device
@@ -45,21 +41,26 @@ class Captioner:
     # What the checkpoint says about itself (no tensors): epoch, best, metrics, configs, store provenance.
     info: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.model, Decoder):  # a bare decoder: a model trained on a layer4 store
+            self.model = CaptionModel(self.model).eval()
+
+    @property
+    def decoder(self) -> Decoder:
+        return self.model.decoder
+
     @classmethod
     def load(cls, model_path: str | Path, device: torch.device) -> Captioner:
         ckpt = checkpoint.load(model_path)
-        decoder, vocab = checkpoint.build_decoder(ckpt, model_path)
         ident = ckpt["store"]
-        trunk, info = build_encoder(encoder_spec(ident))
-        if not info.same_weights(WeightsInfo(ident.get("weights", ""), ident.get("weights_sha256", ""))):
-            raise UserError(
-                f"the encoder weights at hand ({info.path or info.name}) differ from those the model was trained on "
-                f"(sha256 {ident.get('weights_sha256', '')[:12]}...)"
-            )
+        layer = layer_of(ident)
+        resnet, _ = build_recorded(ident)
+        trunk = trunk_of(resnet, layer)
+        model, vocab = checkpoint.build_model(ckpt, model_path, layer, resnet)
         transform = TransformConfig.from_dict(json.loads(ident["transform"]))
         dtype = np.dtype(DTYPES[ident.get("dtype", "float16")])
         return cls(
-            decoder.to(device),
+            model.to(device),
             vocab,
             trunk.to(device, memory_format=torch.channels_last),
             transform,
@@ -71,12 +72,13 @@ class Captioner:
 
     @torch.inference_mode()
     def caption(self, pixels: torch.Tensor, beam_size: int = 3, n_best: int = 0) -> list[Decoded]:
-        """(B, 3, H, W) uint8 -> decoded captions. Features are rounded to the store's dtype, as in training.
-        n_best > 0 also fills each result's `beams` (see decode.beam_search)."""
+        """(B, 3, H, W) uint8 -> decoded captions. Features are rounded to the store's dtype at the stage the
+        store held, as in training, then go through the model's layer4 when it has one. n_best > 0 also fills
+        each result's `beams` (see decode.beam_search)."""
         x = normalize(pixels.to(self.device), self.transform).contiguous(memory_format=torch.channels_last)
         feats = encode(self.encoder, x)
         feats = feats.to(torch.from_numpy(np.zeros(0, self.feature_dtype)).dtype)
-        return beam_search(self.decoder, feats, beam_size, self.max_steps, n_best)
+        return beam_search(self.model.decoder, self.model.encode(feats), beam_size, self.max_steps, n_best)
 
     def words(self, decoded: Decoded) -> list[str]:
         return [self.vocab.itos[t] for t in decoded.tokens]

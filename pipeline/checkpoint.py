@@ -8,12 +8,17 @@ A checkpoint is a dict of tensors and plain values, loadable with `torch.load(pa
     model_config  DecoderConfig as a dict: the decoder is rebuilt with DecoderConfig(**model_config)
     train_config  TrainConfig as a dict
     vocab         the words in id order
-    store         the encoder provenance of the training store (weights, transform, dtype...)
+    store         the encoder provenance of the training store (weights, transform, dtype, layer...)
     epoch, best, metrics
     last.pt also: optimizer, scheduler, rng (and history: the metrics of every epoch so far)
+    fine-tuned runs (`fit --finetune layer4`, from a layer3 store) also:
+    finetune      FINETUNE: what was fine-tuned, from which stored stage, with which BatchNorm
+    layer4        the fine-tuned layer4's state_dict (CPU tensors; FrozenBatchNorm2d buffers, no
+                  num_batches_tracked)
 
-Other entries (for instance a fine-tuned encoder's state_dict) are kept as they are: `model_state(...,
-extra=)` adds them and `load` returns them. Code that only loads a model imports this module, not training.
+A checkpoint trained on a layer3 store without --finetune holds no layer4: its layer4 is the frozen one of
+the weights its `store` provenance records. Other entries are kept as they are: `model_state(..., extra=)`
+adds them and `load` returns them. Code that only loads a model imports this module, not training.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from pipeline.encoder import build_recorded, layer4_head, split_resnet50
 from pipeline.errors import UserError, describe
 from pipeline.files import atomic_write
-from pipeline.model import Decoder, DecoderConfig
+from pipeline.model import CaptionModel, Decoder, DecoderConfig
 from pipeline.store import FeatureStore, encoder_diffs
 from pipeline.vocab import Vocabulary
 
@@ -44,6 +51,9 @@ MODEL_KEYS = {
 RESUME_KEYS = {"optimizer": dict, "scheduler": dict, "rng": dict}
 # train_config entries that loading a model relies on
 TRAIN_CONFIG_KEYS = ("max_len", "min_word_count")
+# what a fine-tuned checkpoint says about its encoder part (the `finetune` entry)
+FINETUNE = {"layer": "layer4", "input_layer": "layer3", "batchnorm": "frozen (statistics and affine)"}
+FINETUNE_KEYS = {"finetune": dict, "layer4": dict}
 
 
 def model_state(
@@ -103,7 +113,23 @@ def load(path: str | Path, resume: bool = False) -> dict:
             raise UserError(f"{path} is not a valid checkpoint: train_config lacks {key}")
     if resume:
         _check_types(ckpt, RESUME_KEYS, path, "a last.pt with the training state --resume needs")
+    if "finetune" in ckpt or "layer4" in ckpt:
+        _check_types(ckpt, FINETUNE_KEYS, path, "a valid fine-tuned checkpoint")
     return ckpt
+
+
+def finetuned(ckpt: dict) -> bool:
+    """Whether the checkpoint holds a fine-tuned layer4 (its features come from its own layer4)."""
+    return "finetune" in ckpt
+
+
+def finetune_state(model: CaptionModel) -> dict:
+    """The entries a fine-tuned run's checkpoints hold beyond the decoder (`model_state(..., extra=)`)."""
+    assert model.encoder is not None
+    return {
+        "finetune": dict(FINETUNE),
+        "layer4": {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
+    }
 
 
 def _check_types(ckpt: dict, keys: dict[str, type], path: Path, what: str) -> None:
@@ -131,14 +157,64 @@ def build_decoder(ckpt: dict, path: str | Path = "checkpoint") -> tuple[Decoder,
     return model, vocab
 
 
+def build_layer4(
+    ckpt: dict, path: str | Path = "checkpoint", resnet: nn.Module | None = None, trainable: bool = False
+) -> nn.Module:
+    """The layer4 that turns layer3 features into this checkpoint's decoder inputs: its fine-tuned weights, or
+    (trained without --finetune) ResNet50's layer4 with the weights its store recorded, frozen (taken from
+    `resnet` when the caller has built that model already). Eval mode, CPU."""
+    if finetuned(ckpt):
+        head = layer4_head()
+        try:
+            head.load_state_dict(ckpt["layer4"])
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not a valid checkpoint: its layer4 does not load ({describe(e)})") from None
+    else:
+        _, head = split_resnet50(resnet if resnet is not None else build_recorded(ckpt["store"])[0])
+    head.eval()
+    head.requires_grad_(trainable)
+    return head
+
+
+def build_model(
+    ckpt: dict, path: str | Path, input_layer: str, resnet: nn.Module | None = None
+) -> tuple[CaptionModel, Vocabulary]:
+    """The decoder, with the layer4 to run before it on features of `input_layer` (pipeline.store.layer_of):
+    none on layer4 features, `build_layer4` on layer3 ones. A fine-tuned checkpoint on layer4 features is a
+    UserError: those features came from the original layer4, not from the one it trained. Eval mode, CPU."""
+    _check_input_layer(ckpt, path, input_layer)
+    decoder, vocab = build_decoder(ckpt, path)
+    if input_layer == "layer4":
+        return CaptionModel(decoder).eval(), vocab
+    return CaptionModel(decoder, build_layer4(ckpt, path, resnet)).eval(), vocab
+
+
+def _check_input_layer(ckpt: dict, path: str | Path, input_layer: str) -> None:
+    if input_layer == "layer4" and finetuned(ckpt):
+        raise UserError(
+            f"{path} fine-tuned ResNet50's layer4, so it needs layer3 features: a layer4 store's features come "
+            "from the original layer4, not from its own. Make a layer3 store with "
+            "`cli.py extract --layer layer3` (the same --weights) and use that"
+        )
+
+
 def max_steps(ckpt: dict) -> int:
     """Words a caption may have when decoding with this model: its training captions' length without <start>."""
     return int(ckpt["train_config"]["max_len"]) - 1
 
 
-def check_same_encoder(ckpt: dict, store: FeatureStore, path: str | Path) -> None:
-    """A model only makes sense on features made the way its training features were."""
-    diffs = encoder_diffs(ckpt["store"], store.identity())
+def check_store(ckpt: dict, store: FeatureStore, path: str | Path) -> None:
+    """Whether evaluate can run the model on this store: features made the way its training features were, up
+    to the stage stored when it did not fine-tune layer4 (a layer4 store, or a layer3 store with the same
+    weights' layer4 run on it, then give the same features). A fine-tuned model needs a layer3 store."""
+    _check_input_layer(ckpt, path, store.layer)
+    check_same_encoder(ckpt, store, path, any_layer=not finetuned(ckpt))
+
+
+def check_same_encoder(ckpt: dict, store: FeatureStore, path: str | Path, any_layer: bool = False) -> None:
+    """A model only makes sense on features made the way its training features were (any_layer: see
+    `check_store`)."""
+    diffs = encoder_diffs(ckpt["store"], store.identity(), any_layer=any_layer)
     if diffs:
         raise UserError(
             f"{store.path} was made differently from the store {path} was trained on ({', '.join(diffs)} differ)"

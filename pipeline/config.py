@@ -60,6 +60,10 @@ class TrainConfig:
     # validation decoding (CIDEr-D) for choosing model.pt; 0 images = choose by validation loss
     val_decode_images: int = 1000
     val_beam_size: int = 1
+    # ResNet50's layer4 trained with the decoder, from a layer3 store (None: the encoder stays frozen)
+    finetune: str | None = None  # None | "layer4"
+    encoder_lr: float = 1e-4  # Adam's rate for layer4 (`lr` is the decoder's)
+    finetune_after: int = 0  # epochs of the decoder alone (layer4 frozen) before layer4 trains too
     # word vectors (pipeline/embeddings.py): random | word2vec | the path of a vectors file; frozen or trained
     embeddings: str = "random"
     freeze_embeddings: bool = False
@@ -105,3 +109,7 @@ class DemoConfig:
     size: int = 224
     seed: int = 0
     weights: str | None = None  # None: ImageNet V1 when cached, else none
+    # fine-tune layer4 from a layer3 store (fit --finetune layer4), or train on frozen layer4 features
+    finetune: bool = False
+    encoder_lr: float = 1e-4
+    finetune_after: int = 0

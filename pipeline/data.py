@@ -3,13 +3,16 @@
 An epoch is one pass over the training images; each image brings `captions_per_image` of its captions,
 drawn afresh every epoch from a generator seeded by (seed, epoch) alone, so that a resumed run sees
 exactly the batches an uninterrupted one would. The image's feature row is read once for all of them.
+
+Rows are read as stored: (7, 7, 2048) from a layer4 store, (14, 14, 1024) from a layer3 one (layer4 then runs
+on the device, in the model: pipeline.model.CaptionModel).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,7 +70,7 @@ class CaptionIndex:
 
 @dataclass
 class Batch:
-    features: torch.Tensor  # (B, 7, 7, D) store dtype, on the device
+    features: torch.Tensor  # (B, h, w, C) as stored (7x7x2048 or 14x14x1024), store dtype, on the device
     tokens: torch.Tensor  # (B, G, T+1) int64 ids, trimmed to the longest caption in the batch
     rows: np.ndarray  # (B,) store rows
     # The loss weight of this batch (loss.CaptionTraining): 1 in one process; under torchrun, the number of
@@ -79,7 +82,7 @@ class FeatureRows(Protocol):
     """What `Batches` reads features from: a FeatureStore, or a stand-in holding the same rows in RAM."""
 
     @property
-    def features(self) -> np.ndarray: ...  # (N, 7, 7, D), a memory map or an array
+    def features(self) -> np.ndarray: ...  # (N, h, w, C), a memory map or an array
 
     def __len__(self) -> int: ...
 
@@ -210,11 +213,27 @@ def validation_batches(
     return Batches(store, captions, rows, max(batch_size, VALIDATION_BATCH_IMAGES), VALIDATION_CAPTIONS, device)
 
 
-def feature_scale(features: np.ndarray, rows: np.ndarray, sample: int = 256) -> float:
+def feature_scale(
+    features: np.ndarray,
+    rows: np.ndarray,
+    sample: int = 256,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = 32,
+) -> float:
     """1 / RMS of (up to) `sample` rows' features, evenly spaced over `rows`: what fit sets
-    DecoderConfig.feature_scale to, from the training rows."""
+    DecoderConfig.feature_scale to, from the training rows. `encode`: what the decoder reads is not the stored
+    rows but encode(rows) (layer4 run on a layer3 store's rows), taken `batch_size` rows at a time."""
     pick = np.unique(rows[np.linspace(0, len(rows) - 1, min(sample, len(rows))).astype(int)])
-    rms = float(np.sqrt(np.mean(np.square(np.asarray(features[pick], dtype=np.float32)))))
+    if encode is None:
+        rms = float(np.sqrt(np.mean(np.square(np.asarray(features[pick], dtype=np.float32)))))
+    else:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(pick), batch_size):
+                out = encode(torch.from_numpy(np.ascontiguousarray(features[pick[i : i + batch_size]]))).double()
+                total += float(out.square().sum())
+                count += out.numel()
+        rms = (total / max(count, 1)) ** 0.5
     return 1.0 / rms if rms > 0 else 1.0
 
 

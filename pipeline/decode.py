@@ -1,4 +1,5 @@
-"""Greedy and batched beam search over the decoder's step API; used by fit, evaluate and generate."""
+"""Greedy and batched beam search over the decoder's step API; used by fit, evaluate and generate.
+`decode_rows` decodes store rows, through the model's layer4 first when the store holds layer3 features."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.model import Decoder
+from pipeline.model import CaptionModel, Decoder
 from pipeline.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
 UNK_PENALTY = 1e4  # <unk> wins only when every other word is impossible
@@ -169,7 +170,7 @@ def _collect(
 
 
 def decode_rows(
-    model: Decoder,
+    model: Decoder | CaptionModel,
     features: np.ndarray,
     rows: np.ndarray,
     device: torch.device,
@@ -177,13 +178,18 @@ def decode_rows(
     max_steps: int = 19,
     batch_size: int = 128,
 ) -> list[Decoded]:
-    """Decode store rows (from the memory map) in batches."""
+    """Decode store rows (from the memory map) in batches. A CaptionModel encodes them first (its layer4 on a
+    layer3 store's rows), so a Decoder takes layer4 rows, a CaptionModel the rows of the store it was made for."""
+    decoder, encode = (model.decoder, model.encode) if isinstance(model, CaptionModel) else (model, None)
     out: list[Decoded] = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         order = np.argsort(chunk)
         feats = torch.from_numpy(np.ascontiguousarray(features[chunk[order]])).to(device)
-        decoded = beam_search(model, feats, beam_size, max_steps)
+        if encode is not None:
+            with torch.inference_mode():
+                feats = encode(feats)
+        decoded = beam_search(decoder, feats, beam_size, max_steps)
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
         out.extend(decoded[j] for j in back)

@@ -14,11 +14,12 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.config import DemoConfig
 from pipeline.console import caption_line, info, print_scores
-from pipeline.encoder import NAMED_WEIGHTS, _imagenet_file
+from pipeline.encoder import NAMED_WEIGHTS, imagenet_weights_file
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -34,6 +35,13 @@ TEMPLATES = (
 
 
 def draw_sample(rng: random.Random, size: int) -> tuple[Image.Image, str, str, str]:
+    img, attrs = draw_object_sample(rng, size)
+    return img, attrs["colour"], attrs["shape"], attrs["place"]
+
+
+def draw_object_sample(rng: random.Random, size: int) -> tuple[Image.Image, dict]:
+    """One picture and its attributes: colour, shape, place, and `object` (centre cx, cy and radius r in
+    pixels of the `size` x `size` picture), from which `object_mask` redraws where the object is."""
     colour, shape, place = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(PLACES))
     base = tuple(rng.randint(200, 250) for _ in range(3))
     img = Image.new("RGB", (size, size), base)
@@ -48,13 +56,47 @@ def draw_sample(rng: random.Random, size: int) -> tuple[Image.Image, str, str, s
     cx, cy = cx * size + rng.uniform(-jitter, jitter), cy * size + rng.uniform(-jitter, jitter)
     r = size * rng.uniform(0.19, 0.24)
     fill = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLOURS[colour])
+    _draw_object(d, shape, cx, cy, r, fill)
+    return img, {"colour": colour, "shape": shape, "place": place, "object": {"cx": cx, "cy": cy, "r": r}}
+
+
+def _draw_object(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
     if shape == "circle":
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
         d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
         d.polygon([(cx, cy - r), (cx - r, cy + r * 0.9), (cx + r, cy + r * 0.9)], fill=fill)
-    return img, colour, shape, place
+
+
+def object_mask(attrs: dict, size: int, grid: int = 7) -> np.ndarray:
+    """(grid * grid,) share of each attention cell that the object covers (row-major, as the decoder's 49
+    positions): the object redrawn alone, averaged over each cell. The transform's resize to 224x224 scales
+    the square picture uniformly, so cells of the picture are cells of the feature grid."""
+    mask = Image.new("L", (size, size), 0)
+    o = attrs["object"]
+    _draw_object(ImageDraw.Draw(mask), attrs["shape"], o["cx"], o["cy"], o["r"], 255)
+    return np.asarray(mask.resize((grid, grid), Image.Resampling.BOX), dtype=np.float64).ravel() / 255.0
+
+
+def attention_on_object(captions: list[tuple[list[str], np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Where attention goes while a caption names a colour or a shape. `captions`: (words, attention (len(words),
+    P), object mask (P,)) per image. Per word kind, the mean attention mass on the object (sum of attention x
+    the share of each cell the object covers) over the steps that emit such a word, the object's mean share
+    of the image at those steps, and their ratio (1: attention spread evenly; higher: on the object)."""
+    out: dict[str, float] = {}
+    for kind, words in (("colour", set(COLOURS)), ("shape", set(SHAPES))):
+        mass, share = [], []
+        for caption, alphas, mask in captions:
+            for t, w in enumerate(caption):
+                if w in words:
+                    mass.append(float(alphas[t] @ mask))
+                    share.append(float(mask.mean()))
+        out[f"{kind}_steps"] = len(mass)
+        out[f"{kind}_mass"] = float(np.mean(mass)) if mass else float("nan")
+        out[f"{kind}_share"] = float(np.mean(share)) if share else float("nan")
+        out[f"{kind}_ratio"] = out[f"{kind}_mass"] / out[f"{kind}_share"] if mass else float("nan")
+    return out
 
 
 def make_dataset(folder: Path, n: int, size: int = 224, seed: int = 0) -> Path:
@@ -63,7 +105,8 @@ def make_dataset(folder: Path, n: int, size: int = 224, seed: int = 0) -> Path:
     (folder / "images").mkdir(parents=True, exist_ok=True)
     entries = []
     for i in range(n):
-        img, colour, shape, place = draw_sample(rng, size)
+        img, attributes = draw_object_sample(rng, size)
+        colour, shape, place = attributes["colour"], attributes["shape"], attributes["place"]
         name = f"shape_{i:05d}.jpg"
         img.save(folder / "images" / name, quality=92)
         split = "train" if i < n * 0.8 else "val" if i < n * 0.9 else "test"
@@ -74,7 +117,7 @@ def make_dataset(folder: Path, n: int, size: int = 224, seed: int = 0) -> Path:
                 "filename": name,
                 "split": split,
                 "sentences": sentences,
-                "attributes": {"colour": colour, "shape": shape, "place": place},
+                "attributes": attributes | {"size": size},
             }
         )
     path = folder / "demo_captions.json"
@@ -92,11 +135,32 @@ def attribute_accuracy(captions: list[dict], truth: dict[str, dict]) -> dict[str
     return out
 
 
+def object_attention(model: Path, store: Path, truth: dict[str, dict], beam_size: int = 3) -> dict[str, float]:
+    """`attention_on_object` for the test images of a demo store, decoded as evaluate decodes them."""
+    import torch
+
+    from pipeline import checkpoint
+    from pipeline.decode import decode_rows
+    from pipeline.store import FeatureStore
+
+    ckpt = checkpoint.load(model)
+    features = FeatureStore(store)
+    net, vocab = checkpoint.build_model(ckpt, model, features.layer)
+    rows = features.split_rows("test")
+    decoded = decode_rows(net, features.features, rows, torch.device("cpu"), beam_size, checkpoint.max_steps(ckpt))
+    names = features.images
+    items = []
+    for row, d in zip(rows, decoded, strict=True):
+        attrs = truth[names[row]]
+        items.append(([vocab.itos[t] for t in d.tokens], d.attention, object_mask(attrs, attrs["size"])))
+    return attention_on_object(items)
+
+
 def pick_weights(requested: str | None) -> str:
     if requested is not None:
         return requested
     for name in NAMED_WEIGHTS[:1]:
-        if _imagenet_file(name).is_file():
+        if imagenet_weights_file(name).is_file():
             info(f"demo: using cached ImageNet weights {name}")
             return name
     info("demo: ImageNet weights are not cached, so the encoder is a seeded random ResNet50 (--weights none)")
@@ -117,7 +181,8 @@ def demo(cfg: DemoConfig) -> dict:
     info(f"demo: drew {cfg.images} captioned images under {cfg.out}")
     weights = pick_weights(cfg.weights)
     store = cfg.out / "features.h5"
-    extract(ExtractConfig(images=cfg.out, captions=captions, store=store, weights=weights, device="cpu"))
+    layer = "layer3" if cfg.finetune else "layer4"  # fine-tuning layer4 trains from its input, layer3
+    extract(ExtractConfig(images=cfg.out, captions=captions, store=store, weights=weights, device="cpu", layer=layer))
     fit(
         TrainConfig(
             store=str(store),
@@ -128,6 +193,9 @@ def demo(cfg: DemoConfig) -> dict:
             captions_per_image=5,
             seed=cfg.seed,
             val_decode_images=100,
+            finetune="layer4" if cfg.finetune else None,
+            encoder_lr=cfg.encoder_lr,
+            finetune_after=cfg.finetune_after if cfg.finetune else 0,
         )
     )
     result = evaluate(
@@ -139,6 +207,13 @@ def demo(cfg: DemoConfig) -> dict:
     info("\nhow often a test caption names the right attribute (chance = a random guess):")
     for attr, (acc, chance) in attribute_accuracy(result["captions"], truth).items():
         info(f"  {attr:7s} {acc:6.1%}   chance {chance:6.1%}")
+    att = object_attention(cfg.out / "model.pt", store, truth)
+    info("attention on the object while a test caption names a colour or a shape (1x = spread evenly):")
+    for kind in ("colour", "shape"):
+        info(
+            f"  {kind:7s} {att[f'{kind}_mass']:6.1%} of the attention on an object covering "
+            f"{att[f'{kind}_share']:5.1%} of the image: {att[f'{kind}_ratio']:.1f}x its share"
+        )
     info("\ncaptions of test images next to one of their references:")
     for c in result["captions"][:6]:
         info(f"  {c['image']}: {c['caption']!r}   (reference: {c['references'][0]!r})")

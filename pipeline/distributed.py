@@ -211,15 +211,21 @@ class Dist:
         if self.enabled:
             torch.manual_seed(int(np.random.SeedSequence([seed, epoch, self.rank]).generate_state(1)[0]))
 
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, module: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
         """DistributedDataParallel around `module` under torchrun (gradients averaged over the ranks during
-        backward); the module itself for one process."""
+        backward); the module itself for one process. find_unused_parameters: some trainable parameters get
+        no gradient in some steps (layer4 in the epochs before `fit --finetune-after`)."""
         if not self.enabled:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
+        return DistributedDataParallel(
+            module,
+            device_ids=ids,
+            output_device=ids[0] if ids else None,
+            find_unused_parameters=find_unused_parameters,
+        )
 
 
 @contextlib.contextmanager

@@ -87,9 +87,9 @@ def extract(cfg: ExtractConfig) -> dict:
         old = dist.decide(lambda: _lock(path, held))
         captions = dist.check(lambda: _read_captions(cfg, images, dist))
         # rank 0 of each node first: an ImageNet download then happens once per node
-        built = dist.check(lambda: build_encoder(cfg.weights) if dist.local_rank == 0 else None)
-        trunk, weights = dist.check(lambda: built or build_encoder(cfg.weights))
-        prov = provenance(weights.to_dict(), cfg.transform, cfg.dtype)
+        built = dist.check(lambda: build_encoder(cfg.weights, cfg.layer) if dist.local_rank == 0 else None)
+        trunk, weights = dist.check(lambda: built or build_encoder(cfg.weights, cfg.layer))
+        prov = provenance(weights.to_dict(), cfg.transform, cfg.dtype, cfg.layer)
         summary = {"store": str(path), "images": len(captions), "captions": sum(map(len, captions.captions))}
         layout = dist.decide(lambda: _layout(cfg, captions, prov, old))
         if layout is None:

@@ -1,5 +1,8 @@
 """`evaluate`: decode every image of a split once and score it with the coco-caption metrics.
 
+On a layer3 store, layer4 runs first (the checkpoint's fine-tuned one, or the frozen one of the weights the
+store recorded), through the same `decode_rows` as on a layer4 store.
+
 `evaluate` returns the result (the `--out` JSON's content); printing it is the caller's business
 (`cli.py` prints a table with `console.print_scores`).
 """
@@ -37,13 +40,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise UserError(f"--out {cfg.out} is a folder; give a file name such as scores.json")
     device = resolve_device(cfg.device)
     ckpt = checkpoint.load(cfg.model)
-    model, vocab = checkpoint.build_decoder(ckpt, cfg.model)
-    model.to(device)
     store = FeatureStore(cfg.store)
-    checkpoint.check_same_encoder(ckpt, store, cfg.model)
+    checkpoint.check_store(ckpt, store, cfg.model)
     rows = store.split_rows(cfg.split)
     if len(rows) == 0:
         raise UserError(f"{cfg.store} has no {cfg.split} images")
+    # on a layer3 store: the checkpoint's fine-tuned layer4, or the frozen one of the recorded weights
+    model, vocab = checkpoint.build_model(ckpt, cfg.model, store.layer)
+    model.to(device)
     use_java = java_available() if cfg.meteor is None else cfg.meteor
     if not use_java:
         info("Java not found: METEOR left out; BLEU, ROUGE-L and CIDEr-D use a Python tokeniser, not PTB's")

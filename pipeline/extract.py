@@ -1,4 +1,5 @@
-"""`extract`: run the frozen ResNet50 once over every captioned image and fill the feature store.
+"""`extract`: run the frozen ResNet50 once over every captioned image and fill the feature store (its layer4
+output, or with `layer="layer3"` the layer3 output that fit can fine-tune layer4 from).
 
 What it promises, and how:
 
@@ -40,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline import distributed
 from pipeline.console import info, progress, warn
 from pipeline.datasets import SPLITS, CaptionSet, read_captions
-from pipeline.encoder import ENCODER_NAME, build_encoder, encode
+from pipeline.encoder import ENCODER_NAMES, build_encoder, encode
 from pipeline.errors import UserError, describe
 from pipeline.files import check_writable_folder, exclusive, remove_stale_temps
 from pipeline.runtime import autocast, default_workers, resolve_device
@@ -79,6 +80,7 @@ class ExtractConfig:
     device: str = "auto"
     dtype: str = "float16"
     overwrite: bool = False
+    layer: str = "layer4"  # the ResNet50 stage stored: layer4 (7x7x2048) or layer3 (14x14x1024)
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -104,10 +106,11 @@ class ImageFiles(Dataset):
             return row, torch.zeros(3, size, size, dtype=torch.uint8), status, describe(e)
 
 
-def provenance(weights: dict, transform: TransformConfig, dtype: str) -> dict:
+def provenance(weights: dict, transform: TransformConfig, dtype: str, layer: str = "layer4") -> dict:
     return {
         "format_version": FORMAT_VERSION,
-        "encoder": ENCODER_NAME,
+        "encoder": ENCODER_NAMES[layer],
+        "layer": layer,
         **weights,
         "transform": json.dumps(transform.to_dict(), sort_keys=True),
         "dtype": dtype,
@@ -137,8 +140,8 @@ def extract(cfg: ExtractConfig) -> dict:
                 warn(f"{count} {reason}")
         if not captions.images:
             raise UserError(f"none of the captioned images were found under {images}")
-        trunk, weights = build_encoder(cfg.weights)
-        prov = provenance(weights.to_dict(), cfg.transform, cfg.dtype)
+        trunk, weights = build_encoder(cfg.weights, cfg.layer)
+        prov = provenance(weights.to_dict(), cfg.transform, cfg.dtype, cfg.layer)
         summary = {"store": str(path), "images": len(captions), "captions": sum(map(len, captions.captions))}
         rows = _prepare_store(cfg, captions, prov, old)
         if rows is None:
@@ -167,6 +170,8 @@ def check_options(cfg: ExtractConfig) -> tuple[torch.device, Path, Path]:
     that is a folder or in a folder that cannot be written. Returns the device, images folder, store path."""
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    if cfg.layer not in ENCODER_NAMES:
+        raise UserError(f"--layer must be one of {', '.join(ENCODER_NAMES)}, not {cfg.layer!r}")
     if cfg.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     device = resolve_device(cfg.device)
@@ -229,7 +234,7 @@ def _existing_store(path: Path) -> dict | None:
 def _prepare_store(cfg: ExtractConfig, captions: CaptionSet, prov: dict, old: dict | None) -> np.ndarray | None:
     """Create, resume, rebuild or refuse the store. Returns the rows still to extract, or None when the
     store is complete and up to date."""
-    path, n, bytes_per_row = Path(cfg.store), len(captions), row_bytes(cfg.dtype)
+    path, n, bytes_per_row = Path(cfg.store), len(captions), row_bytes(cfg.dtype, cfg.layer)
     if old is not None:
         diffs = mismatches(old, prov)
         if diffs and not cfg.overwrite:
@@ -274,7 +279,7 @@ def _resume(path: Path, status: np.ndarray, prov: dict) -> np.ndarray | None:
     info(f"resuming {path}: {done} of {len(status)} images written, {pending} to go{retry}")
     _check_no_reader(path)
     holes = max(path.stat().st_size - _allocated(path), 0)
-    _check_space(path, min(holes, len(todo) * row_bytes(prov["dtype"])))
+    _check_space(path, min(holes, len(todo) * row_bytes(prov["dtype"], prov["layer"])))
     return todo
 
 
@@ -296,7 +301,7 @@ def _rebuild(path: Path, captions: CaptionSet, prov: dict, names: list[str], sta
             f"the images changed since {path} was made: {kept} images kept, {len(names) - kept} removed, "
             f"{len(captions) - kept} added; rebuilding it around the {int(keep.sum())} finished ones"
         )
-    bytes_per_row = row_bytes(prov["dtype"])
+    bytes_per_row = row_bytes(prov["dtype"], prov["layer"])
     _check_space(path, int((carry.status == WRITTEN).sum()) * bytes_per_row)  # the copies, beside the old store
     _check_space(path, len(captions) * bytes_per_row, reclaimed=_allocated(path))
     create(path, captions, prov, carry=carry)
@@ -331,7 +336,8 @@ def _check_space(path: Path, need: int, reclaimed: int = 0) -> None:
     if need > free + reclaimed:
         raise UserError(
             f"not enough disk space for {path}: {_size(need)} of features to write, {_size(free + reclaimed)} "
-            f"free on its disk ({row_bytes('float16'):,} bytes an image in float16)"
+            f"free on its disk ({row_bytes('float16'):,} bytes an image in float16, "
+            f"{row_bytes('float16', 'layer3'):,} for --layer layer3)"
         )
 
 

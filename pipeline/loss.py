@@ -14,17 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data import Batches
-from pipeline.model import Decoder
+from pipeline.model import CaptionModel, Decoder
 from pipeline.runtime import autocast
 
-# (decoder, features, tokens, penalty) -> (loss to optimise, masked cross-entropy)
-LossFn = Callable[[Decoder, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+# (model, features, tokens, penalty) -> (loss to optimise, masked cross-entropy)
+LossFn = Callable[[Decoder | CaptionModel, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 
 def caption_loss(
-    model: Decoder, features: torch.Tensor, tokens: torch.Tensor, penalty: float = 0.0
+    model: Decoder | CaptionModel, features: torch.Tensor, tokens: torch.Tensor, penalty: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to optimise, masked cross-entropy) for features (B, 7, 7, D) and tokens (B, G, T+1).
+    """(loss to optimise, masked cross-entropy) for features (B, h, w, C) as `model` takes them (a Decoder:
+    (B, 7, 7, D); a CaptionModel: as stored) and tokens (B, G, T+1). One call of the model's forward.
 
     The output layer, the largest matmul at a real vocabulary size, runs on the non-<pad> steps only, and
     the recurrence stops for each image when its captions end: the same loss as masking full (B, G, T, V)
@@ -37,9 +38,9 @@ def caption_loss(
     features, inputs, targets, lengths = features[order], inputs[order], targets[order], lengths[order]
     steps = torch.arange(inputs.shape[-1], device=lengths.device)
     active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()
-    hidden, alphas = model.recurrence(features, inputs, active)  # (B, G, T, H), (B, G, T, P)
     keep = targets != 0
-    loss = F.cross_entropy(model.head(hidden[keep]).float(), targets[keep])
+    logits, alphas = model(features, inputs, active, keep)  # (K, V) for the K non-<pad> steps, (B, G, T, P)
+    loss = F.cross_entropy(logits.float(), targets[keep])
     total = loss + penalty * attention_penalty(alphas, targets) if penalty > 0 else loss
     return total, loss
 
@@ -50,8 +51,9 @@ class CaptionTraining(nn.Module):
 
     Under torchrun fit wraps this module in DistributedDataParallel, which synchronises gradients through
     `forward` only: the loss calls `decoder.recurrence` and `decoder.head`, not `decoder.forward`, so the
-    whole loss must run inside the wrapped module's forward. Whatever else trains with the decoder (a
-    fine-tuned encoder stage in front of it) belongs in this module too, applied to `features` first.
+    whole loss must run inside the wrapped module's forward. Whatever else trains with the decoder belongs in
+    this module too: fit passes a `model.CaptionModel` as `decoder`, whose forward runs layer4 on the stored
+    layer3 rows first (`fit --finetune layer4`).
 
     `weight` scales the loss to optimise: 1 in one process. Under torchrun it is the number of processes x this
     process's share of the step's target tokens, so that DDP's average of the ranks' gradients is the gradient
@@ -59,7 +61,7 @@ class CaptionTraining(nn.Module):
     `data.Batches`). The attention penalty, a mean over images, gets the same token weight: exact for the
     cross-entropy, and off by default."""
 
-    def __init__(self, decoder: Decoder, penalty: float = 0.0, loss_fn: LossFn = caption_loss) -> None:
+    def __init__(self, decoder: Decoder | CaptionModel, penalty: float = 0.0, loss_fn: LossFn = caption_loss) -> None:
         super().__init__()
         self.decoder = decoder
         self.penalty = penalty
@@ -86,14 +88,14 @@ def attention_penalty(alphas: torch.Tensor, targets: torch.Tensor, pad_id: int =
 
 
 @torch.no_grad()
-def validation_loss(model: Decoder, batches: Batches, amp: bool | None = None) -> float:
+def validation_loss(model: Decoder | CaptionModel, batches: Batches, amp: bool | None = None) -> float:
     """Mean masked cross-entropy per token over the fixed validation captions (`data.validation_batches`)."""
     total, tokens = validation_sums(model, batches, amp)
     return total / max(tokens, 1)
 
 
 @torch.no_grad()
-def validation_sums(model: Decoder, batches: Batches, amp: bool | None = None) -> tuple[float, int]:
+def validation_sums(model: Decoder | CaptionModel, batches: Batches, amp: bool | None = None) -> tuple[float, int]:
     """(summed masked cross-entropy, target tokens) over `batches`: what each rank adds up under torchrun."""
     model.eval()
     total, tokens = 0.0, 0

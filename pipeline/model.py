@@ -25,6 +25,10 @@ penalty is a loss term: it lives with the losses, in pipeline/loss.py.
 
 The layer sizes come in named presets, as timm names its test models: "report" (the default) and "tiny",
 a narrow decoder that the tests and smoke runs select by name (`fit --decoder tiny`).
+
+`CaptionModel` is what fit trains and evaluate and generate run: the decoder, with ResNet50's layer4 in front
+of it when the store holds layer3 features (trained with `fit --finetune layer4`, or run frozen). It is one
+module whose forward computes what the loss needs, so that a wrapper such as DDP wraps the whole of it.
 """
 
 from __future__ import annotations
@@ -179,10 +183,19 @@ class Decoder(nn.Module):
         logits = self.fc_out(self.dropout(h))
         return logits, DecoderState(h, c, state.features, state.projected), alpha
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        active: list[int] | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced: features (B, 7, 7, D), tokens (B, G, T) inputs -> logits (B, G, T, V),
-        alphas (B, G, T, P). Uses the same cell as `step`."""
-        hidden, alphas = self.recurrence(features, tokens)
+        alphas (B, G, T, P). Uses the same cell as `step`. `active`: see `recurrence`; `keep` (B, G, T) bool:
+        logits of those steps only, (K, V) (training skips the <pad> steps)."""
+        hidden, alphas = self.recurrence(features, tokens, active)
+        if keep is not None:
+            hidden = hidden[keep]  # (K, H)
         return self.head(hidden), alphas
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -218,5 +231,44 @@ class Decoder(nn.Module):
         return torch.stack(hs, dim=2), torch.stack(alphas, dim=2)  # (B, G, T, H), (B, G, T, P)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def run_encoder(encoder: nn.Module, stored: torch.Tensor) -> torch.Tensor:
+    """A convolutional stage on channels-last rows: (B, 14, 14, 1024) -> (B, 7, 7, 2048) for layer4."""
+    x = stored.to(next(encoder.parameters()).dtype).permute(0, 3, 1, 2)  # (B, C, h, w) view, channels-last memory
+    return encoder(x).permute(0, 2, 3, 1)  # (B, 7, 7, 2048)
+
+
+class CaptionModel(nn.Module):
+    """The decoder, and `encoder`: the part of the encoder that runs on the stored features, between the store
+    and the decoder. None for a layer4 store; ResNet50's layer4 (pipeline.encoder.layer4_head) for a layer3
+    one, trained with the decoder (`fit --finetune layer4`) or frozen.
+
+    `train_encoder` False runs the encoder under no_grad (frozen, or fit's decoder-only epochs before
+    `--finetune-after`): no activations are kept for a backward pass, and its weights get no gradient."""
+
+    def __init__(self, decoder: Decoder, encoder: nn.Module | None = None, train_encoder: bool = False) -> None:
+        super().__init__()
+        self.decoder = decoder
+        # channels-last weights for channels-last inputs (the stored rows are (B, h, w, C))
+        self.encoder = encoder.to(memory_format=torch.channels_last) if encoder is not None else None
+        self.train_encoder = train_encoder and encoder is not None
+
+    def encode(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored features (B, h, w, C), any float dtype -> the decoder's features (B, 7, 7, D)."""
+        if self.encoder is None:
+            return stored
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+            return run_encoder(self.encoder, stored)
+
+    def forward(
+        self,
+        stored: torch.Tensor,
+        tokens: torch.Tensor,
+        active: list[int] | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder.forward on the encoded features: one image's features are computed once for its G captions."""
+        return self.decoder(self.encode(stored), tokens, active, keep)
+
+
+def count_parameters(model: nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)

@@ -2,16 +2,18 @@
 
 Layout (format version 1):
 
-    /features          (N, 7, 7, 2048) float16|float32, contiguous, allocated up front (memory-mappable)
+    /features          (N, 7, 7, 2048) for a layer4 store, (N, 14, 14, 1024) for a layer3 one; float16|float32,
+                       contiguous, allocated up front (memory-mappable)
     /images            (N,) UTF-8 str, path relative to the images folder
     /status            (N,) int8: 0 pending, 1 written, 2 skipped (could not be decoded: for good),
                        3 unreadable (a read error such as a permission or I/O error: retried by the next run)
     /split             (N,) int8: 0 train, 1 val, 2 test (attribute `names`)
     /captions/text     (M,) UTF-8 str
     /captions/image    (M,) int32, row in /images that the caption describes
-    attributes of /    format_version, encoder, weights, weights_sha256, weights_path, transform (JSON),
-                       dtype, torch/torchvision/h5py versions, captions_source, captions_layout, created,
-                       complete (bool: no row pending), images_written, images_skipped, images_unreadable
+    attributes of /    format_version, encoder, layer (layer4|layer3; absent in stores made before it: layer4),
+                       weights, weights_sha256, weights_path, transform (JSON), dtype, torch/torchvision/h5py
+                       versions, captions_source, captions_layout, created, complete (bool: no row pending),
+                       images_written, images_skipped, images_unreadable
 
 Only status 1 rows hold features; every reader ignores the others.
 
@@ -44,7 +46,7 @@ import h5py
 import numpy as np
 
 from pipeline.datasets import SPLITS, CaptionSet
-from pipeline.encoder import FEATURE_SHAPE
+from pipeline.encoder import ENCODER_NAMES, FEATURE_SHAPES
 from pipeline.errors import UserError, describe
 from pipeline.files import lock_holder, temp_path
 
@@ -55,7 +57,8 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _STR = h5py.string_dtype("utf-8")
 # Provenance attributes that must agree for a store to be resumed or reused.
-IDENTITY_KEYS = ("format_version", "encoder", "weights", "weights_sha256", "transform", "dtype")
+IDENTITY_KEYS = ("format_version", "encoder", "layer", "weights", "weights_sha256", "transform", "dtype")
+DEFAULT_LAYER = "layer4"  # what a store without a `layer` attribute holds (made before layer3 stores)
 COPY_ROWS = 256  # rows per slice when carrying features into a rebuilt store: 49 MiB of float16
 
 
@@ -63,9 +66,15 @@ class NotAStoreError(UserError):
     """The path holds something that is not a feature store made by extract (or not a readable one)."""
 
 
-def row_bytes(dtype: str) -> int:
-    """Bytes of one image's features in a store of this dtype (200,704 for float16)."""
-    return int(np.prod(FEATURE_SHAPE)) * np.dtype(DTYPES[dtype]).itemsize
+def layer_of(identity: dict) -> str:
+    """The ResNet50 stage a store (or the store a checkpoint was trained on) holds."""
+    return str(identity.get("layer", DEFAULT_LAYER))
+
+
+def row_bytes(dtype: str, layer: str = DEFAULT_LAYER) -> int:
+    """Bytes of one image's features in a store of this dtype and layer (200,704 for float16 layer4, 401,408
+    for float16 layer3)."""
+    return int(np.prod(FEATURE_SHAPES[layer])) * np.dtype(DTYPES[dtype]).itemsize
 
 
 def read_strings(dataset: h5py.Dataset) -> list[str]:
@@ -169,18 +178,32 @@ def mismatches(attrs: dict, provenance: dict) -> list[str]:
     """Human-readable differences between a store's identity and the one asked for."""
     out = []
     for key in IDENTITY_KEYS:
-        if key in provenance and attrs.get(key) != provenance[key]:
-            a, b = attrs.get(key), provenance[key]
+        a = layer_of(attrs) if key == "layer" else attrs.get(key)
+        if key in provenance and a != provenance[key]:
+            b = provenance[key]
             out.append(f"{key} {a!r} (store) vs {b!r} (asked)")
     return out
 
 
-ENCODER_KEYS = ("encoder", "weights", "weights_sha256", "transform", "dtype")
+ENCODER_KEYS = ("encoder", "layer", "weights", "weights_sha256", "transform", "dtype")
 
 
-def encoder_diffs(a: dict, b: dict) -> list[str]:
-    """Which encoder provenance keys differ: features made differently are not interchangeable."""
+def encoder_diffs(a: dict, b: dict, any_layer: bool = False) -> list[str]:
+    """Which encoder provenance keys differ: features made differently are not interchangeable.
+    any_layer: compare the network, weights, transform and dtype but not the stage stored (a layer3 store
+    with layer4 run on it gives the features of a layer4 store made the same way)."""
+    a = a | {"layer": layer_of(a)}
+    b = b | {"layer": layer_of(b)}
+    if any_layer:
+        a = a | {"encoder": _network(a), "layer": ""}
+        b = b | {"encoder": _network(b), "layer": ""}
     return [k for k in ENCODER_KEYS if a.get(k) != b.get(k)]
+
+
+def _network(identity: dict) -> str:
+    """The `encoder` provenance without its stage: the one ResNet50 for the names this code writes."""
+    name = identity.get("encoder")
+    return "torchvision.resnet50" if name == ENCODER_NAMES.get(layer_of(identity)) else str(name)
 
 
 # --- creating ----------------------------------------------------------------------------------------------------
@@ -212,7 +235,7 @@ def _write_empty(path: Path, captions: CaptionSet, provenance: dict) -> None:
         g.create_dataset("image", data=owners)
         # Contiguous, allocated now, never filled: the file gets its final size (sparse on disk) and
         # the dataset a fixed byte offset that numpy can memory-map.
-        space = h5py.h5s.create_simple((n, *FEATURE_SHAPE))
+        space = h5py.h5s.create_simple((n, *FEATURE_SHAPES[layer_of(provenance)]))
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_layout(h5py.h5d.CONTIGUOUS)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
@@ -424,8 +447,13 @@ class FeatureStore:
         return self._file
 
     @property
+    def layer(self) -> str:
+        """The ResNet50 stage the features are: layer4 (N, 7, 7, 2048) or layer3 (N, 14, 14, 1024)."""
+        return layer_of(self.attrs)
+
+    @property
     def features(self) -> np.memmap:
-        """(N, 7, 7, 2048) read-only memory map of the features dataset."""
+        """(N, 7, 7, 2048) or (N, 14, 14, 1024) read-only memory map of the features dataset."""
         if self._features is None or self._pid != os.getpid():
             ds = self.file["features"]
             offset = ds.id.get_offset()
@@ -481,7 +509,8 @@ class FeatureStore:
     def identity(self) -> dict:
         """The provenance that checkpoints must agree with."""
         return {k: self.attrs[k] for k in IDENTITY_KEYS if k in self.attrs} | {
-            "weights_path": self.attrs.get("weights_path", "")
+            "layer": self.layer,
+            "weights_path": self.attrs.get("weights_path", ""),
         }
 
     def __enter__(self) -> FeatureStore:

@@ -1,4 +1,9 @@
-"""`fit`: train the decoder alone from the memory-mapped store, in one process or under torchrun.
+"""`fit`: train the decoder from the memory-mapped store, in one process or under torchrun; from a layer3 store,
+optionally ResNet50's layer4 too.
+
+The model is a `CaptionModel`: the decoder, with layer4 in front of it when the store holds layer3 features
+(`--finetune layer4` trains it, with its own learning rate; otherwise it runs frozen, under no_grad). fit
+trains it inside `loss.CaptionTraining`, the one module DDP wraps.
 
 `fit` is the loop. What it is built from: `prepare` (store, vocabulary, encoded captions), `build_model`,
 `make_optimizer`/`make_scheduler`, `train_epoch` (one pass, `train_step` per batch), `validate` (loss,
@@ -28,15 +33,17 @@ from pipeline.console import info, progress
 from pipeline.data import Batches, CaptionIndex, feature_scale, validation_batches
 from pipeline.decode import decode_rows
 from pipeline.distributed import Dist, session
+from pipeline.encoder import build_recorded, split_resnet50
 from pipeline.errors import UserError, describe
 from pipeline.figures import training_curves
 from pipeline.loss import CaptionTraining, caption_loss, validation_sums
-from pipeline.model import DECODER_PRESETS, Decoder, DecoderConfig, count_parameters
+from pipeline.model import DECODER_PRESETS, CaptionModel, Decoder, DecoderConfig, count_parameters, run_encoder
 from pipeline.runtime import autocast
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, layer_of
 from pipeline.vocab import Vocabulary
 
-__all__ = ["TrainConfig", "fit", "prepare", "train_step", "make_optimizer", "build_model"]
+__all__ = ["TrainConfig", "fit", "prepare", "train_step", "make_optimizer", "build_model", "build_encoder"]
+FINETUNE_LAYERS = ("layer4",)
 
 # What a resumed run takes from last.pt's train_config instead of from the command line, and why:
 RESUMED_KEYS = (
@@ -48,6 +55,7 @@ RESUMED_KEYS = (
     "dropout",
     "gate",
     "feature_scale",
+    "finetune",
     # what defines the training trajectory: resumed, the run must end where an uninterrupted one ends
     "seed",
     "batch_size",
@@ -57,6 +65,8 @@ RESUMED_KEYS = (
     "lr_gamma",
     "captions_per_image",
     "attention_penalty",
+    "encoder_lr",
+    "finetune_after",
     # how model.pt is chosen: CIDEr-D and loss scores of different epochs must not be compared
     "val_decode_images",
     "val_beam_size",
@@ -134,7 +144,7 @@ class Best:
 class TrainingState:
     """What the epochs change, and what last.pt saves so that --resume continues exactly."""
 
-    model: Decoder
+    model: CaptionModel
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.StepLR
     epoch: int = 0  # epochs done
@@ -178,6 +188,25 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("--lr must be positive")
     if cfg.decoder not in DECODER_PRESETS:
         raise UserError(f"unknown --decoder {cfg.decoder!r} (known: {', '.join(DECODER_PRESETS)})")
+    if cfg.finetune is not None and cfg.finetune not in FINETUNE_LAYERS:
+        raise UserError(f"--finetune takes {', '.join(FINETUNE_LAYERS)}, not {cfg.finetune!r}")
+    if cfg.encoder_lr <= 0:
+        raise UserError("--encoder-lr must be positive")
+    if cfg.finetune_after < 0:
+        raise UserError("--finetune-after must be at least 0")
+
+
+def check_finetune(cfg: TrainConfig, store: FeatureStore) -> None:
+    """--finetune layer4 trains layer4 from its input: a layer3 store. (Checked on the run's config: a resumed
+    run's is last.pt's.)"""
+    if cfg.finetune_after > 0 and cfg.finetune is None:
+        raise UserError("--finetune-after needs --finetune layer4 (without it nothing is fine-tuned)")
+    if cfg.finetune == "layer4" and store.layer != "layer3":
+        raise UserError(
+            f"--finetune layer4 needs a layer3 store, and {store.path} holds {store.layer} features (the output "
+            "of the layer4 it would train). Make one with `cli.py extract --layer layer3 --store FILE` (the same "
+            "--images and --weights), then `cli.py fit --store FILE --finetune layer4`"
+        )
 
 
 def open_store(path: str | Path) -> FeatureStore:
@@ -238,13 +267,31 @@ def build_model(cfg: TrainConfig, vocab_size: int, scale: float) -> Decoder:
     )
 
 
-def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_encoder(store: FeatureStore, trainable: bool) -> torch.nn.Module | None:
+    """The layer4 a run from this store puts in front of the decoder: none for a layer4 store; for a layer3
+    store, ResNet50's layer4 with the weights the store recorded (FrozenBatchNorm2d: only its convolutions
+    train), trainable with --finetune, else frozen. On the CPU."""
+    if store.layer == "layer4":
+        return None
+    _, head = split_resnet50(build_recorded(store.identity())[0])
+    return head.requires_grad_(trainable)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, encoder_lr: float | None = None) -> torch.optim.Optimizer:
     """Adam; the fused implementation where this torch has it (CPU and CUDA): the same update in one pass
-    over the parameters instead of a dozen (measured: 860 -> 604 ms per CPU batch at 18.5k words)."""
+    over the parameters instead of a dozen (measured: 860 -> 604 ms per CPU batch at 18.5k words).
+    A CaptionModel with a trainable encoder gets two parameter groups: the decoder at `lr`, the encoder at
+    `encoder_lr` (the encoder's parameters have no gradient before --finetune-after: Adam skips them)."""
+    groups: list[dict] = [{"params": list(model.parameters()), "lr": lr}]
+    if isinstance(model, CaptionModel):
+        groups = [{"params": list(model.decoder.parameters()), "lr": lr}]
+        trained = [p for p in model.encoder.parameters() if p.requires_grad] if model.encoder is not None else []
+        if trained:
+            groups.append({"params": trained, "lr": lr if encoder_lr is None else encoder_lr})
     try:
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+        return torch.optim.Adam(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.Adam(groups, lr=lr)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.StepLR:
@@ -315,7 +362,9 @@ def validation_set(data: TrainingData, cfg: TrainConfig, dist: Dist) -> Validati
 
 
 @torch.no_grad()
-def validate(model: Decoder, data: TrainingData, val: Validation, cfg: TrainConfig, dist: Dist | None = None) -> dict:
+def validate(
+    model: CaptionModel, data: TrainingData, val: Validation, cfg: TrainConfig, dist: Dist | None = None
+) -> dict:
     """val_loss and val_perplexity, val_cider_d (greedy captions of the decoded images, when there are
     any), and `sample`: the caption of the sample image. Under torchrun the ranks share the work (losses
     summed, captions gathered in order) and every rank returns rank 0's record."""
@@ -373,6 +422,7 @@ def _prepare_checked(cfg: TrainConfig, ckpt: dict | None, files: RunFiles, world
     """prepare(), and what this rank's store must satisfy: last.pt's features and vocabulary on --resume,
     at least one training image per process."""
     data = prepare(cfg)
+    check_finetune(cfg, data.store)
     if ckpt is not None:
         _check_resumable(ckpt, data, files.last)
     if len(data.train_rows) < world:
@@ -392,10 +442,12 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
         train.make_resident()
     val = validation_set(data, cfg, dist)
     loss_fn = torch.compile(caption_loss) if cfg.compile else caption_loss
-    module = dist.wrap(CaptionTraining(state.model, cfg.attention_penalty, loss_fn))
+    # layer4 trains only after --finetune-after epochs: until then DDP must expect parameters without gradients
+    partial = cfg.finetune is not None and cfg.finetune_after > state.epoch
+    module = dist.wrap(CaptionTraining(state.model, cfg.attention_penalty, loss_fn), find_unused_parameters=partial)
     info(
         f"fit: {len(data.train_rows)} train / {len(data.val_rows)} val images, vocabulary {len(data.vocab)}, "
-        f"{count_parameters(state.model) / 1e6:.1f}M parameters, device {device}"
+        f"{count_parameters(state.model, trainable=True) / 1e6:.1f}M parameters trained, device {device}"
         + (", features resident on the GPU" if train.resident is not None else "")
         + (
             f", {dist.world} processes (global batch {cfg.batch_size * dist.world} images)"
@@ -403,12 +455,17 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
             else ""
         )
     )
+    encoder_note(cfg, data.store)
     record: dict = {}
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         dist.seed_epoch(cfg.seed, epoch)
+        state.model.train_encoder = trains_encoder(cfg, epoch)
         record = {"epoch": epoch} | train_epoch(module, state.optimizer, train, epoch, cfg, dist)
         state.scheduler.step()
         record["lr"] = state.optimizer.param_groups[0]["lr"]
+        if cfg.finetune is not None:
+            record["encoder_lr"] = state.optimizer.param_groups[1]["lr"]
+            record["encoder_trained"] = state.model.train_encoder
         record |= validate(state.model, data, val, cfg, dist)
         # every rank gets the same record (losses all-reduced, rank 0's validation broadcast) and the same
         # best so far (restored from the same last.pt): the best-epoch choice is the same on every rank
@@ -419,21 +476,48 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
     return record
 
 
+def trains_encoder(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether layer4 trains in this epoch: with --finetune, after the --finetune-after epochs of the decoder alone."""
+    return cfg.finetune is not None and epoch > cfg.finetune_after
+
+
+def encoder_note(cfg: TrainConfig, store: FeatureStore) -> None:
+    """Say what runs between the store and the decoder when it is more than a read."""
+    if store.layer == "layer4":
+        return
+    if cfg.finetune is None:
+        info(
+            f"{store.path} holds layer3 features and --finetune is not given: layer4 runs frozen on every batch, "
+            "which is slower than training from a layer4 store (`extract --layer layer4`)"
+        )
+    elif cfg.finetune_after > 0:
+        info(f"fine-tuning layer4 from epoch {cfg.finetune_after + 1} (the decoder alone before)")
+
+
 def start(cfg: TrainConfig, data: TrainingData, device: torch.device) -> TrainingState:
-    """A new run: the model initialised from `cfg.seed`, fresh optimizer and scheduler."""
+    """A new run: the model initialised from `cfg.seed`, fresh optimizer and scheduler. On a layer3 store the
+    feature scale is measured on layer4's output of the training sample: that is what the decoder reads."""
     torch.manual_seed(cfg.seed)
-    scale = feature_scale(data.store.features, data.train_rows) if cfg.feature_scale else 1.0
-    model = build_model(cfg, len(data.vocab), scale).to(device)
+    encoder = build_encoder(data.store, trainable=cfg.finetune is not None)
+    scale = 1.0
+    if cfg.feature_scale:
+        encode = None
+        if encoder is not None:
+            encoder.to(device)
+            encode = lambda x: run_encoder(encoder, x.to(device))  # noqa: E731
+        scale = feature_scale(data.store.features, data.train_rows, encode=encode)
+    model = CaptionModel(build_model(cfg, len(data.vocab), scale), encoder).to(device)
     if cfg.embeddings != "random":  # initial word vectors (numpy-seeded: torch's RNG stream is untouched)
         from pipeline.embeddings import initial_vectors
 
         captions = [t for caps in data.captions.references(data.train_rows) for t in caps]
-        vectors = initial_vectors(cfg.embeddings, data.vocab, captions, model.cfg.embed_dim, cfg.seed, cfg.word2vec)
+        decoder = model.decoder
+        vectors = initial_vectors(cfg.embeddings, data.vocab, captions, decoder.cfg.embed_dim, cfg.seed, cfg.word2vec)
         info(vectors.summary())
         with torch.no_grad():
-            model.embedding.weight.copy_(torch.from_numpy(vectors.matrix))
-    freeze_embeddings(model, cfg)
-    optimizer = make_optimizer(model, cfg.lr)
+            decoder.embedding.weight.copy_(torch.from_numpy(vectors.matrix))
+    freeze_embeddings(model.decoder, cfg)
+    optimizer = make_optimizer(model, cfg.lr, cfg.encoder_lr)
     return TrainingState(model, optimizer, make_scheduler(optimizer, cfg))
 
 
@@ -448,10 +532,12 @@ def resume(ckpt: dict, cfg: TrainConfig, files: RunFiles, device: torch.device) 
     """The run saved in last.pt (`ckpt`), continued: weights, optimizer, scheduler, RNG and best epoch. It reads
     nothing from OUT: under torchrun every rank resumes from rank 0's copy of last.pt. The metrics of the epochs
     it holds come from `resumed_history` (rank 0)."""
-    model, _ = checkpoint.build_decoder(ckpt, files.last)
+    model, _ = checkpoint.build_model(ckpt, files.last, layer_of(ckpt["store"]))
+    if model.encoder is not None:
+        model.encoder.requires_grad_(cfg.finetune is not None)
     model.to(device)
-    freeze_embeddings(model, cfg)
-    optimizer = make_optimizer(model, cfg.lr)
+    freeze_embeddings(model.decoder, cfg)
+    optimizer = make_optimizer(model, cfg.lr, cfg.encoder_lr)
     scheduler = make_scheduler(optimizer, cfg)
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -476,8 +562,16 @@ def resumed_history(ckpt: dict, files: RunFiles) -> list[dict]:
 def save_epoch(files: RunFiles, state: TrainingState, data: TrainingData, cfg: TrainConfig, is_best: bool) -> None:
     """The run's files after an epoch, each replaced atomically: a kill at any moment leaves every file whole."""
     history.write(files.metrics, state.records)
+    extra = checkpoint.finetune_state(state.model) if cfg.finetune is not None else None
     ckpt = checkpoint.model_state(
-        state.model, data.vocab, cfg.to_dict(), data.store, state.epoch, state.best.to_dict(), state.records[-1]
+        state.model.decoder,
+        data.vocab,
+        cfg.to_dict(),
+        data.store,
+        state.epoch,
+        state.best.to_dict(),
+        state.records[-1],
+        extra,
     )
     if is_best:
         checkpoint.save(ckpt, files.model)

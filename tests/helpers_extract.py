@@ -19,27 +19,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class TinyTrunk(nn.Module):
     """Stands in for the ResNet50 trunk where a test is about the store, not the features: (B, 3, 224, 224)
-    -> (B, 2048, 7, 7), deterministic, different for different pictures, and ~1000x cheaper. `delay` seconds
-    of sleep per batch stretch a run so that a test can act in the middle of it."""
+    -> (B, 2048, 7, 7) (layer3: (B, 1024, 14, 14)), deterministic, different for different pictures, and ~1000x
+    cheaper. `delay` seconds of sleep per batch stretch a run so that a test can act in the middle of it."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, layer: str = "layer4") -> None:
         super().__init__()
+        from pipeline.encoder import FEATURE_SHAPES
+
+        side, _, channels = FEATURE_SHAPES[layer]
         g = torch.Generator().manual_seed(0)
-        self.register_buffer("proj", torch.randn(2048, 3, generator=g))
-        self.delay = delay
+        self.register_buffer("proj", torch.randn(channels, 3, generator=g))
+        self.delay, self.pool = delay, 224 // side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.delay:
             time.sleep(self.delay)
-        pooled = nn.functional.avg_pool2d(x.float(), 32)  # (B, 3, 7, 7)
+        pooled = nn.functional.avg_pool2d(x.float(), self.pool)  # (B, 3, 7, 7)
         return torch.einsum("oc,bchw->bohw", self.proj, pooled)  # (B, 2048, 7, 7)
 
 
-def fake_build_encoder(spec: str, delay: float = 0.0):
+def fake_build_encoder(spec: str, layer: str = "layer4", delay: float = 0.0):
     """`pipeline.extract.build_encoder` with a TinyTrunk; provenance as `--weights none`."""
     from pipeline.encoder import WeightsInfo
 
-    return TinyTrunk(delay), WeightsInfo("none", "")
+    return TinyTrunk(delay, layer), WeightsInfo("none", "")
 
 
 _ZYGOTE = r"""

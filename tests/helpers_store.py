@@ -2,7 +2,8 @@
 
 Each image gets a class c in 0..3. Its features are small random noise plus a strong signal tied to c
 (channels c*16 .. c*16+15 set to 3.0 at every grid position), and its captions name the class's colour and
-shape, so a decoder can learn to caption these "images" in a few CPU epochs.
+shape, so a decoder can learn to caption these "images" in a few CPU epochs. `layer="layer3"` makes a layer3
+store (14x14x1024 rows, the same signal) for fit's layer4 path.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ if str(ROOT) not in sys.path:  # the tests import `pipeline` from the repository
 
 import pipeline.store as feature_store  # noqa: E402
 from pipeline.datasets import CaptionSet  # noqa: E402
-from pipeline.encoder import FEATURE_SHAPE, WeightsInfo  # noqa: E402
+from pipeline.encoder import FEATURE_SHAPES, WeightsInfo  # noqa: E402
 from pipeline.transform import TransformConfig  # noqa: E402
 
 COLOURS = ("red", "green", "blue", "yellow")
@@ -53,12 +54,12 @@ class SyntheticStore:
     classes: np.ndarray  # (N,) class of each row
     captions: list[list[str]]
     splits: list[str]
-    features: np.ndarray  # (N, 7, 7, 2048) what was written (in the store dtype)
+    features: np.ndarray  # (N, 7, 7, 2048) or (N, 14, 14, 1024): what was written (in the store dtype)
 
 
-def make_features(classes: np.ndarray, seed: int = 0, dtype: str = "float16") -> np.ndarray:
+def make_features(classes: np.ndarray, seed: int = 0, dtype: str = "float16", layer: str = "layer4") -> np.ndarray:
     rng = np.random.default_rng(seed)
-    feats = np.abs(rng.standard_normal((len(classes), *FEATURE_SHAPE), dtype=np.float32)) * 0.5
+    feats = np.abs(rng.standard_normal((len(classes), *FEATURE_SHAPES[layer]), dtype=np.float32)) * 0.5
     for i, c in enumerate(classes):
         feats[i, :, :, c * SIGNAL_WIDTH : (c + 1) * SIGNAL_WIDTH] = SIGNAL
     return feats.astype(feature_store.DTYPES[dtype])
@@ -73,6 +74,7 @@ def make_store(
     dtype: str = "float16",
     weights: WeightsInfo | None = None,
     finish: bool = True,
+    layer: str = "layer4",
 ) -> SyntheticStore:
     """Create a complete store at `path` (all rows written) without any encoder.
 
@@ -95,9 +97,9 @@ def make_store(
     )
     from pipeline.extract import provenance  # imports torchvision (seconds): only when a store is made
 
-    prov = provenance((weights or WeightsInfo("none", "")).to_dict(), TransformConfig(), dtype)
+    prov = provenance((weights or WeightsInfo("none", "")).to_dict(), TransformConfig(), dtype, layer)
     feature_store.create(path, caption_set, prov)
-    feats = make_features(classes, seed, dtype)
+    feats = make_features(classes, seed, dtype, layer)
     writer = feature_store.Writer(path)
     try:
         rows = np.arange(n_images) if finish else np.arange(n_images // 2)

@@ -70,16 +70,20 @@ def test_fit_passes_every_option(calls):
         "--resume", "--device", "cpu", "--seed", "3", "--min-word-count", "2", "--captions-per-image", "4",
         "--grad-clip", "1.5", "--lr-step", "10", "--lr-gamma", "0.5", "--decoder", "tiny", "--init-from-features",
         "--dropout", "0.2", "--gate", "--attention-penalty", "1", "--val-decode-images", "50", "--amp", "--compile",
+        "--finetune", "layer4", "--encoder-lr", "0.0005", "--finetune-after", "2",
     )  # fmt: skip
     expected = TrainConfig(
         store="s.h5", out="run", epochs=7, batch_size=9, lr=0.002, resume=True, device="cpu", seed=3,
         min_word_count=2, captions_per_image=4, grad_clip=1.5, lr_step=10, lr_gamma=0.5, decoder="tiny",
         init_from_features=True, dropout=0.2, gate=True, attention_penalty=1.0, val_decode_images=50, amp=True,
-        compile=True,
+        compile=True, finetune="layer4", encoder_lr=0.0005, finetune_after=2,
     )  # fmt: skip
     assert calls == [("fit", expected)]
     _invoke("fit", "--no-amp")
     assert calls[-1] == ("fit", TrainConfig(amp=False))
+    assert TrainConfig().finetune is None and TrainConfig().encoder_lr == 1e-4 and TrainConfig().finetune_after == 0
+    result = CliRunner().invoke(app, ["fit", "--finetune", "layer3"])  # only layer4 is fine-tuned
+    assert result.exit_code == 2 and len(calls) == 2
 
 
 def test_evaluate_config_and_printed_table(calls):
@@ -133,10 +137,12 @@ def test_extract_config(calls):
     assert calls == [("extract", ExtractConfig(images=Path("imgs")))]
     _invoke(
         "extract", "--images", "imgs", "--captions", "c.txt", "--store", "s.h5", "--weights", "none", "--batch-size",
-        "8", "--workers", "2", "--device", "cpu", "--dtype", "float32", "--overwrite",
+        "8", "--workers", "2", "--device", "cpu", "--dtype", "float32", "--overwrite", "--layer", "layer3",
     )  # fmt: skip
     expected = ExtractConfig(
         images=Path("imgs"), captions=Path("c.txt"), store=Path("s.h5"), weights="none", batch_size=8, workers=2,
-        device="cpu", dtype="float32", overwrite=True,
+        device="cpu", dtype="float32", overwrite=True, layer="layer3",
     )  # fmt: skip
     assert calls[-1] == ("extract", expected)
+    assert ExtractConfig(images=Path("imgs")).layer == "layer4"
+    assert CliRunner().invoke(app, ["extract", "--images", "imgs", "--layer", "layer5"]).exit_code == 2
