@@ -12,7 +12,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.decode import Decoded, beam_search
 from pipeline.encoder import WeightsInfo, build_encoder, encode
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 from pipeline.model import Decoder
 from pipeline.store import DTYPES
 from pipeline.transform import TransformConfig, normalize
@@ -48,14 +48,18 @@ class Captioner:
         ckpt = checkpoint.load(model_path)
         decoder, vocab = checkpoint.build_decoder(ckpt, model_path)
         ident = ckpt["store"]
+        try:
+            transform = TransformConfig.from_dict(json.loads(ident["transform"]))
+            dtype = np.dtype(DTYPES[ident["dtype"]])
+        except (ValueError, TypeError, KeyError) as e:  # JSON, fields or dtype of another tool's file
+            problem = f"unreadable store provenance ({describe(e)})"
+            raise UserError(f"{model_path} is not a valid checkpoint: {problem}") from None
         trunk, info = build_encoder(encoder_spec(ident))
         if not info.same_weights(WeightsInfo(ident.get("weights", ""), ident.get("weights_sha256", ""))):
             raise UserError(
                 f"the encoder weights at hand ({info.path or info.name}) differ from those the model was trained on "
                 f"(sha256 {ident.get('weights_sha256', '')[:12]}...)"
             )
-        transform = TransformConfig.from_dict(json.loads(ident["transform"]))
-        dtype = np.dtype(DTYPES[ident.get("dtype", "float16")])
         return cls(
             decoder.to(device),
             vocab,
