@@ -7,19 +7,24 @@ Run `uv run cli.py --help`, or `uv run cli.py COMMAND --help` for one command.
 
 from __future__ import annotations
 
+import importlib
+import shlex
+import signal
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
+from pipeline.config import MAX_BEAM_SIZE
 from pipeline.config import DemoConfig as D
 from pipeline.config import EvaluateConfig as E
 from pipeline.config import GenerateConfig as G
 from pipeline.config import TrainConfig as T
-from pipeline.errors import UserError
+from pipeline.errors import UserError, describe
 
 app = typer.Typer(
     add_completion=False,
@@ -53,17 +58,91 @@ def main() -> None:
     """Image captioning from a cached ResNet50 feature store: extract, fit, evaluate, generate, demo."""
 
 
-def _call(fn, *args, **kwargs):
-    """Call a pipeline function; a UserError becomes one `error:` line and exit 1, Ctrl-C exit 130."""
+def _call(fn: Callable, *args, interrupted: Callable[[], str] = lambda: "interrupted", **kwargs):
+    """The one boundary between the library and the user. A UserError becomes one `error:` line on stderr and
+    exit 1; so do the failures a user can cause without a bug of ours (memory, the file system). Ctrl-C
+    prints `interrupted()` and exits 130; a second Ctrl-C is ignored while the first one cleans up (temp
+    files, the lock). No traceback. Generators (generate's captions) are consumed inside this boundary."""
+    previous = _catch_one_sigint()
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except UserError as e:
-        if not e.quiet:  # quiet: another process of the same torchrun job printed it
-            print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(1) from None
+        if e.quiet:  # another process of the same torchrun job printed it
+            _restore_sigint(previous)
+            raise typer.Exit(1) from None
+        _fail(str(e), previous)
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        # Ctrl-C stays ignored until the process has ended: a second one during the interpreter's shutdown
+        # would print a traceback (threading._shutdown, atexit handlers).
+        print(interrupted(), file=sys.stderr)
         raise typer.Exit(130) from None
+    except MemoryError:
+        _fail("out of memory: try a smaller --batch-size", previous)
+    except OSError as e:  # a file-system error the library did not name (it names those it expects)
+        _fail(describe(e), previous)
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch's, on the GPU
+            _restore_sigint(previous)
+            raise
+        _fail(f"out of GPU memory ({describe(e)}): try a smaller --batch-size", previous)
+    _restore_sigint(previous)
+    return result
+
+
+def _fail(message: str, previous_sigint=None) -> NoReturn:
+    _restore_sigint(previous_sigint)
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(1) from None
+
+
+def _restore_sigint(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _catch_one_sigint():
+    """Ctrl-C raises KeyboardInterrupt once, then is ignored: for the rest of the process once it came (its
+    cleanup and the interpreter's shutdown must not be broken off), until the command returns otherwise.
+    Returns the handler to restore (None off the main thread, where Python allows no handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _pipeline(module: str, name: str) -> Callable:
+    """pipeline.MODULE.NAME, imported when it is called: inside `_call`, so that the import (torch's takes
+    seconds) stays out of `--help` and a Ctrl-C during it is handled like any other."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(f"pipeline.{module}"), name)(*args, **kwargs)
+
+    return call
+
+
+def _command_line(*extra: str) -> str:
+    """This command as typed (sys.argv), with `extra` arguments it lacks."""
+    argv = list(sys.argv) + [a for a in extra if a not in sys.argv]
+    prefix = "uv run " if argv[0].endswith("cli.py") else ""
+    return prefix + shlex.join(argv)
+
+
+def _fit_interrupted(out: Path) -> Callable[[], str]:
+    """fit's Ctrl-C message: how to go on, which depends on whether an epoch was saved."""
+
+    def message() -> str:
+        if (out / "last.pt").is_file():
+            return (
+                f"interrupted: the finished epochs are saved in {out / 'last.pt'}; continue with: "
+                + _command_line("--resume")
+            )
+        return "interrupted before the first epoch was saved: rerun the same command to start again"
+
+    return message
 
 
 @app.command()
@@ -90,22 +169,26 @@ def extract(
 
     Rerunning the same command resumes an interrupted run; on a complete store it does nothing.
     """
-    from pipeline.extract import ExtractConfig
-    from pipeline.extract import extract as run_extract
 
-    cfg = ExtractConfig(
-        images=images,
-        captions=captions,
-        store=store,
-        weights=weights,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        dtype=dtype.value,
-        overwrite=overwrite,
-        layer=layer.value,
-    )
-    _call(run_extract, cfg)
+    def run() -> None:
+        from pipeline.extract import ExtractConfig
+        from pipeline.extract import extract as run_extract
+
+        cfg = ExtractConfig(
+            images=images,
+            captions=captions,
+            store=store,
+            weights=weights,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            dtype=dtype.value,
+            overwrite=overwrite,
+            layer=layer.value,
+        )
+        run_extract(cfg)
+
+    _call(run, interrupted=lambda: "interrupted: rerun the same command to resume")
 
 
 @app.command()
@@ -166,8 +249,6 @@ def fit(
     Writes OUT/model.pt (best by validation CIDEr-D), OUT/last.pt (for --resume), OUT/metrics.jsonl and
     OUT/curves.png.
     """
-    from pipeline.train import fit as run_fit
-
     cfg = T(
         store=str(store),
         out=str(out),
@@ -196,7 +277,7 @@ def fit(
         embeddings=embeddings,
         freeze_embeddings=freeze_embeddings,
     )
-    _call(run_fit, cfg)
+    _call(_pipeline("train", "fit"), cfg, interrupted=_fit_interrupted(out))
 
 
 @app.command()
@@ -204,7 +285,7 @@ def evaluate(
     model: Annotated[Path, typer.Option(help="Checkpoint to evaluate.")] = E.model,
     store: Annotated[Path, typer.Option(help="Feature store with the split's features and captions.")] = E.store,
     split: Annotated[Split, typer.Option(help="Split to score.")] = Split(E.split),
-    beam_size: Annotated[int, typer.Option(min=1, help="Beam width (1: greedy).")] = E.beam_size,
+    beam_size: Annotated[int, typer.Option(min=1, max=MAX_BEAM_SIZE, help="Beam width (1: greedy).")] = E.beam_size,
     out: Annotated[Path | None, typer.Option(help="Write metrics and captions to this JSON file.")] = E.out,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = E.device,
     meteor: Annotated[
@@ -212,37 +293,36 @@ def evaluate(
     ] = E.meteor,
 ) -> None:
     """Caption every image of a split once and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (coco-caption)."""
-    from pipeline.console import print_scores
-    from pipeline.evaluate import evaluate as run_evaluate
-
     cfg = E(model=model, store=store, split=split.value, beam_size=beam_size, out=out, device=device, meteor=meteor)
-    result = _call(run_evaluate, cfg)
-    print_scores(result)
-    if out is not None:
-        print(f"wrote {out}")
+
+    def run() -> None:
+        _pipeline("console", "print_scores")(_pipeline("evaluate", "evaluate")(cfg))
+        if out is not None:
+            print(f"wrote {out}")
+
+    _call(run, interrupted=lambda: "interrupted: nothing was written")
 
 
 @app.command()
 def generate(
     image: Annotated[list[Path], typer.Option(help="A photo or a folder of photos; repeat for more.")],
     model: Annotated[Path, typer.Option(help="Checkpoint to caption with.")] = G.model,
-    beam_size: Annotated[int, typer.Option(min=1, help="Beam width (1: greedy).")] = G.beam_size,
-    attention: Annotated[Path | None, typer.Option(help="Write an attention figure (PNG) per image.")] = G.attention,
+    beam_size: Annotated[int, typer.Option(min=1, max=MAX_BEAM_SIZE, help="Beam width (1: greedy).")] = G.beam_size,
+    attention: Annotated[
+        str | None, typer.Option(help="Attention figure: FILE.png, or a folder (ending in /) for one per image.")
+    ] = G.attention,
     json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = G.device,
 ) -> None:
     """Caption photos with a trained model (loads the models once for all images)."""
-    from pipeline.console import caption_line
-    from pipeline.generate import generate as run_generate
-
     cfg = G(images=list(image), model=model, beam_size=beam_size, attention=attention, device=device)
-    _call(_print_each, run_generate(cfg), lambda item: print(caption_line(item, json), flush=True))
 
+    def run() -> None:
+        caption_line = _pipeline("console", "caption_line")
+        for item in _pipeline("generate", "generate")(cfg):  # each line as soon as its caption is made
+            print(caption_line(item, json), flush=True)
 
-def _print_each(items: Iterator, show: Callable[[dict], None]) -> None:
-    """Show each item as the library yields it (its errors are raised inside `_call`'s boundary)."""
-    for item in items:
-        show(item)
+    _call(run)
 
 
 @app.command()
@@ -252,9 +332,8 @@ def demo(
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = D.epochs,
 ) -> None:
     """The whole pipeline on a generated sample: CPU, no downloads, a few minutes."""
-    from pipeline.demo import demo as run_demo
-
-    _call(run_demo, D(out=out, images=images, epochs=epochs))
+    again = "interrupted: rerun the same command to start the demo again"
+    _call(_pipeline("demo", "demo"), D(out=out, images=images, epochs=epochs), interrupted=lambda: again)
 
 
 @app.command()

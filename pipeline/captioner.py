@@ -18,6 +18,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.decode import Decoded, beam_search
 from pipeline.encoder import build_recorded, encode, recorded_weights, trunk_of
+from pipeline.errors import UserError, describe
 from pipeline.model import CaptionModel, Decoder
 from pipeline.store import DTYPES, layer_of
 from pipeline.transform import TransformConfig, normalize
@@ -53,12 +54,16 @@ class Captioner:
     def load(cls, model_path: str | Path, device: torch.device) -> Captioner:
         ckpt = checkpoint.load(model_path)
         ident = ckpt["store"]
+        try:
+            transform = TransformConfig.from_dict(json.loads(ident["transform"]))
+            dtype = np.dtype(DTYPES[ident["dtype"]])
+        except (ValueError, TypeError, KeyError) as e:  # JSON, fields or dtype of another tool's file
+            problem = f"unreadable store provenance ({describe(e)})"
+            raise UserError(f"{model_path} is not a valid checkpoint: {problem}") from None
         layer = layer_of(ident)
         resnet, _ = build_recorded(ident)
         trunk = trunk_of(resnet, layer)
         model, vocab = checkpoint.build_model(ckpt, model_path, layer, resnet)
-        transform = TransformConfig.from_dict(json.loads(ident["transform"]))
-        dtype = np.dtype(DTYPES[ident.get("dtype", "float16")])
         return cls(
             model.to(device),
             vocab,

@@ -54,6 +54,8 @@ TRAIN_CONFIG_KEYS = ("max_len", "min_word_count")
 # what a fine-tuned checkpoint says about its encoder part (the `finetune` entry)
 FINETUNE = {"layer": "layer4", "input_layer": "layer3", "batchnorm": "frozen (statistics and affine)"}
 FINETUNE_KEYS = {"finetune": dict, "layer4": dict}
+# store entries (the training store's provenance) that generate rebuilds the encoder from
+STORE_KEYS = ("encoder", "weights", "weights_sha256", "transform", "dtype")
 
 
 def model_state(
@@ -80,16 +82,55 @@ def model_state(
     } | (extra or {})
 
 
-def training_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
-    """What last.pt holds beyond model.pt so that --resume continues exactly: optimizer, scheduler, RNG."""
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+def training_state(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, records: list[dict]
+) -> dict:
+    """What last.pt holds beyond model.pt so that --resume continues exactly: optimizer, scheduler, RNG, and
+    `history`, the metrics of every epoch so far (what metrics.jsonl is rebuilt from)."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "history": [dict(r) for r in records],
+    }
+
+
+def model_only(ckpt: dict) -> dict:
+    """A last.pt's content without the training state: what model.pt holds."""
+    return {k: v for k, v in ckpt.items() if k not in (*RESUME_KEYS, "history")}
 
 
 def save(state: dict, path: str | Path) -> None:
     """Write atomically (pipeline.files.atomic_write): a kill or a full disk at any moment leaves the
-    previous file whole, and no temp file behind except after a kill -9 (removed by the next run)."""
+    previous file whole, and no temp file behind except after a kill -9 (removed by the next run). Ctrl-C
+    during the write is a KeyboardInterrupt and a write error a UserError, as anywhere else."""
     with atomic_write(path) as f:
-        torch.save(state, f)
+        out = _DeferredErrors(f)
+        torch.save(state, out)
+        if out.error is not None:
+            raise out.error
+
+
+class _DeferredErrors:
+    """The file torch.save writes to. torch's C++ writer turns an exception raised in `write` (Ctrl-C, EFBIG
+    on a full disk) into an opaque RuntimeError ("unexpected pos"); this keeps it, skips the rest of the
+    writes, and `save` raises it as itself once torch.save has returned."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.error: BaseException | None = None
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                return self.f.write(data)
+            except BaseException as e:  # KeyboardInterrupt included: raised by `save`, after torch.save
+                self.error = e
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        if self.error is None:
+            self.f.flush()
 
 
 def load(path: str | Path, resume: bool = False) -> dict:
@@ -111,6 +152,9 @@ def load(path: str | Path, resume: bool = False) -> dict:
     for key in TRAIN_CONFIG_KEYS:
         if not isinstance(ckpt["train_config"].get(key), int):
             raise UserError(f"{path} is not a valid checkpoint: train_config lacks {key}")
+    for key in STORE_KEYS:
+        if not isinstance(ckpt["store"].get(key), str):
+            raise UserError(f"{path} is not a valid checkpoint: the store provenance lacks {key}")
     if resume:
         _check_types(ckpt, RESUME_KEYS, path, "a last.pt with the training state --resume needs")
     if "finetune" in ckpt or "layer4" in ckpt:

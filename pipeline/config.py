@@ -16,6 +16,7 @@ OUT = "cache"
 MODEL = "cache/model.pt"
 DEVICE = "auto"  # cuda when available, else cpu
 BEAM_SIZE = 3
+MAX_BEAM_SIZE = 50  # a wider beam only costs memory: (images x beam x vocabulary) log-probabilities per step
 
 
 @dataclass
@@ -94,7 +95,7 @@ class GenerateConfig:
     images: list[Path] = field(default_factory=list)
     model: Path = Path(MODEL)
     beam_size: int = BEAM_SIZE
-    attention: Path | None = None  # a .png file, or a folder for one figure per image
+    attention: str | Path | None = None  # FILE.png, or a folder (an existing one, or ending in /): one per image
     device: str = DEVICE
     batch_size: int = 16
 

@@ -20,8 +20,6 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pipeline.metrics import METRIC_NAMES
-
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 _quiet = False  # info lines and progress off: the ranks other than 0 of a torchrun job
@@ -109,9 +107,8 @@ def print_scores(result: dict) -> None:
     table = Table(title=f"{d['split']} split: {d['images']} images, beam {d['beam_size']}, epoch {d['epoch']}")
     table.add_column("metric")
     table.add_column("score", justify="right")
-    for name in METRIC_NAMES:
-        if name in result["metrics"]:
-            table.add_row(name, f"{result['metrics'][name]:.4f}")
+    for name, value in result["metrics"].items():  # in the contract's order: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D
+        table.add_row(name, f"{value:.4f}")
     table.add_row("loss (masked, per token)", f"{d['loss']:.4f}")
     table.add_row("perplexity", f"{d['perplexity']:.2f}")
     table.caption = f"tokenizer: {d['tokenizer']}"

@@ -3,15 +3,19 @@
 The images are drawn with Pillow: one shape (circle, square, triangle) of one colour in one place, on a
 textured background, with five captions that say what and where. extract, fit, evaluate and generate
 then run on it under `cache/demo/`, and the captions are printed next to their references.
+
+The demo deletes only what it wrote: it works in a new or empty folder, or in one an earlier demo made (it
+marks them), and a rerun removes the files a demo writes there, nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
-import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,8 @@ from PIL import Image, ImageDraw
 from pipeline.config import DemoConfig
 from pipeline.console import caption_line, info, print_scores
 from pipeline.encoder import NAMED_WEIGHTS, imagenet_weights_file
+from pipeline.errors import UserError
+from pipeline.files import check_writable_folder, exclusive, write_text_atomic
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -121,7 +127,7 @@ def make_dataset(folder: Path, n: int, size: int = 224, seed: int = 0) -> Path:
             }
         )
     path = folder / "demo_captions.json"
-    path.write_text(json.dumps({"dataset": "demo", "images": entries}), encoding="utf-8")
+    write_text_atomic(path, json.dumps({"dataset": "demo", "images": entries}))
     return path
 
 
@@ -167,16 +173,84 @@ def pick_weights(requested: str | None) -> str:
     return "none"
 
 
+MARKER = ".captioner-demo"  # written in every folder the demo makes: the only folders it clears
+# What a demo run writes in its folder, and so what a rerun deletes (nothing else, ever).
+OWN_FILES = (
+    "demo_captions.json",
+    "features.h5",
+    "features.h5.partial",
+    "model.pt",
+    "last.pt",
+    "metrics.jsonl",
+    "curves.png",
+    "scores.json",
+    "attention.png",
+)
+OWN_IMAGE = re.compile(r"^shape_\d{5}\.jpg$")
+
+
 def demo(cfg: DemoConfig) -> dict:
-    """Generate the sample, then extract, fit, evaluate, generate. Returns the test metrics."""
+    """Generate the sample, then extract, fit, evaluate, generate, in `cfg.out` (see `claim_folder`).
+    Returns the test metrics."""
+    with claim_folder(cfg.out):
+        return _run(cfg)
+
+
+@contextlib.contextmanager
+def claim_folder(out: Path) -> Iterator[Path]:
+    """Make `out` the demo's folder for the block: a new or empty folder (marked as the demo's), or one an
+    earlier demo made, from which the files a demo writes are deleted (nothing else). A file, or a folder
+    holding anything without the mark, is refused. The folder's lock is held throughout."""
+    _refuse_foreign(out)
+    check_writable_folder(out, "--out")
+    with exclusive(out, f"--out {out}"):
+        _refuse_foreign(out)  # again, now that no other demo can be making it
+        write_text_atomic(out / MARKER, "made by `cli.py demo`, which may delete what it wrote here\n")
+        _clear(out)
+        yield out
+
+
+def _refuse_foreign(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and not _made_by_demo(out) and any(p.name != ".lock" for p in out.iterdir()):
+        raise UserError(
+            f"--out {out} is not empty and was not made by the demo: nothing in it is touched; "
+            "give a new or empty folder"
+        )
+
+
+def _made_by_demo(out: Path) -> bool:
+    """The marker, or (a folder of a demo that predates the marker) the demo's own captions file."""
+    if (out / MARKER).is_file():
+        return True
+    try:
+        return json.loads((out / "demo_captions.json").read_text(encoding="utf-8")).get("dataset") == "demo"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _clear(out: Path) -> None:
+    """Delete what an earlier demo wrote in `out`; any other file stays."""
+    for name in OWN_FILES:
+        (out / name).unlink(missing_ok=True)
+    images = out / "images"
+    if images.is_dir():
+        for path in images.iterdir():
+            if OWN_IMAGE.match(path.name) and path.is_file():
+                path.unlink()
+        with contextlib.suppress(OSError):  # not empty: someone else's files are in it
+            images.rmdir()
+
+
+def _run(cfg: DemoConfig) -> dict:
+    """Each stage in turn, in the demo's folder. A long function: it is the demo's script, read top to bottom."""
     from pipeline.evaluate import EvaluateConfig, evaluate
     from pipeline.extract import ExtractConfig, extract
     from pipeline.generate import GenerateConfig, generate
     from pipeline.train import TrainConfig, fit
 
     start = time.perf_counter()
-    if cfg.out.exists():
-        shutil.rmtree(cfg.out)  # the demo's own folder: rebuilt from scratch every run
     captions = make_dataset(cfg.out, cfg.images, cfg.size, cfg.seed)
     info(f"demo: drew {cfg.images} captioned images under {cfg.out}")
     weights = pick_weights(cfg.weights)
@@ -225,6 +299,6 @@ def demo(cfg: DemoConfig) -> dict:
         info(caption_line(item))
     info(
         f"demo done in {time.perf_counter() - start:.0f}s: figure at {cfg.out / 'attention.png'}, "
-        f"scores at {cfg.out / 'scores.json'}"
+        f"curves at {cfg.out / 'curves.png'}, scores at {cfg.out / 'scores.json'}"
     )
     return result["metrics"]

@@ -2,6 +2,9 @@
 
 - attention: the photo, then one panel per generated word with its 7x7 attention upsampled;
 - training curves: fit's `OUT/curves.png`, redrawn from metrics.jsonl's records after each epoch.
+
+Each PNG carries a mark (its `Software` text chunk), by which `is_own_figure` tells a figure this tool wrote,
+and may replace, from a user's file.
 """
 
 from __future__ import annotations
@@ -28,15 +31,29 @@ def _pyplot():
     return plt
 
 
+MARK = "captioner (attention-LSTM image captioning)"
+
+
 def _save(fig, path: Path, dpi: int) -> Path:
-    """PNG at `path`, atomically (a figure is never seen half-written)."""
+    """PNG at `path`, atomically (a figure is never seen half-written), with the mark."""
     plt = _pyplot()
     try:
         with atomic_write(path) as f:
-            fig.savefig(f, format="png", dpi=dpi)
+            fig.savefig(f, format="png", dpi=dpi, metadata={"Software": MARK})
     finally:
         plt.close(fig)
     return path
+
+
+def is_own_figure(path: Path) -> bool:
+    """Whether `path` is a regular file holding a PNG this tool wrote (it carries the mark)."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.info.get("Software") == MARK
+    except (OSError, ValueError, Image.DecompressionBombError):  # not an image at all
+        return False
 
 
 def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, path: Path, size: int = 224) -> Path:

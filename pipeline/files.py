@@ -88,6 +88,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         f.write(text)
 
 
+_held: dict[tuple[int, str], int] = {}  # (pid, lock file) -> depth, for the locks this process holds
+
+
 def lock_path(path: Path) -> Path:
     """The lock file that guards `path` (a file or a folder). Chosen by what `path` is now: lock a folder only
     once it exists (`check_writable_folder` creates it). A folder created inside the lock would be guarded
@@ -109,12 +112,24 @@ def lock_holder(path: str | Path) -> int | None:
 def exclusive(path: str | Path, what: str | None = None) -> Iterator[None]:
     """Hold the one-writer lock on `path` (a store file, or a run folder) for the duration of the block.
     A second holder gets `UserError: WHAT is in use by another process (pid N)` at once, never a wait.
-    The lock file is removed on the way out; one left by a killed process is not locked and is reused."""
+    The lock file is removed on the way out; one left by a killed process is not locked and is reused.
+
+    Re-entrant within a process (the demo holds its folder while fit, inside it, takes the same one).
+    Create a folder before locking it: the lock of a folder is inside it (`DIR/.lock`), the lock of a path
+    that does not exist yet is next to it."""
     path = Path(path)
     if fcntl is None:
         yield
         return
     lock = lock_path(path)
+    key = (os.getpid(), str(lock.resolve()))
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -139,11 +154,13 @@ def exclusive(path: str | Path, what: str | None = None) -> Iterator[None]:
         if same:
             break
         os.close(fd)
+    _held[key] = 1
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        del _held[key]
         with contextlib.suppress(OSError):
             lock.unlink()  # while still locked: whoever opens it next creates a fresh one
         os.close(fd)

@@ -18,6 +18,7 @@ process group, no wrapper, the same arithmetic as before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -36,6 +37,7 @@ from pipeline.distributed import Dist, session
 from pipeline.encoder import build_recorded, split_resnet50
 from pipeline.errors import UserError, describe
 from pipeline.figures import training_curves
+from pipeline.files import check_writable_folder, exclusive, remove_stale_temps
 from pipeline.loss import CaptionTraining, caption_loss, validation_sums
 from pipeline.model import DECODER_PRESETS, CaptionModel, Decoder, DecoderConfig, count_parameters, run_encoder
 from pipeline.runtime import autocast
@@ -99,6 +101,9 @@ class RunFiles:
     def curves(self) -> Path:
         return self.out / "curves.png"
 
+    def all(self) -> tuple[Path, ...]:
+        return self.last, self.model, self.metrics, self.curves
+
 
 @dataclass
 class TrainingData:
@@ -111,24 +116,39 @@ class TrainingData:
     val_rows: np.ndarray
 
 
+# How model.pt is chosen, by what the store offers: validation CIDEr-D, else validation loss, else (a store
+# without validation images) training loss. Fixed for a run: scores of different kinds are never compared.
+SELECTION_METRICS = ("val_cider_d", "neg_val_loss", "neg_train_loss")
+
+
 @dataclass(frozen=True)
 class Best:
-    """The epoch model.pt holds: the highest score (validation CIDEr-D, or minus the validation loss when
-    no captions are decoded); a tie (CIDEr-D is often 0 for the first epochs) goes to the lower loss."""
+    """The epoch model.pt holds: the highest score (one of SELECTION_METRICS); a tie (CIDEr-D is often 0 for
+    the first epochs) goes to the lower validation loss. A score that is not a number (a diverged run) counts
+    as the lowest, so that an epoch is always chosen: a run never ends without a model.pt."""
 
-    metric: str = ""  # "val_cider_d" or "neg_val_loss"
+    metric: str = ""
     score: float = -math.inf
     val_loss: float = math.inf
     epoch: int = 0  # 0: none yet
 
     @classmethod
-    def of(cls, record: dict) -> Best:
-        if "val_cider_d" in record:
-            return cls("val_cider_d", record["val_cider_d"], record["val_loss"], record["epoch"])
-        return cls("neg_val_loss", -record["val_loss"], record["val_loss"], record["epoch"])
+    def of(cls, record: dict, metric: str) -> Best:
+        score = {
+            "val_cider_d": lambda: record["val_cider_d"],
+            "neg_val_loss": lambda: -record["val_loss"],
+            "neg_train_loss": lambda: -record["train_loss"],
+        }[metric]()
+        val_loss = record["val_loss"]
+        return cls(
+            metric,
+            score if math.isfinite(score) else -math.inf,
+            val_loss if math.isfinite(val_loss) else math.inf,
+            record["epoch"],
+        )
 
     def beaten_by(self, other: Best) -> bool:
-        return (other.score, -other.val_loss) > (self.score, -self.val_loss)
+        return self.epoch == 0 or (other.score, -other.val_loss) > (self.score, -self.val_loss)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,11 +171,11 @@ class TrainingState:
     best: Best = Best()
     records: list[dict] = dataclasses.field(default_factory=list)  # metrics.jsonl: one record per epoch done
 
-    def end_epoch(self, record: dict) -> bool:
+    def end_epoch(self, record: dict, metric: str) -> bool:
         """Count the epoch of `record` as done; True when it is the best so far (model.pt is then replaced)."""
         self.epoch = record["epoch"]
         self.records.append(record)
-        candidate = Best.of(record)
+        candidate = Best.of(record, metric)
         if self.best.beaten_by(candidate):
             self.best = candidate
             return True
@@ -172,6 +192,7 @@ class Validation:
     references: list[list[str]]  # their captions
     sample_row: int  # the image whose caption is printed each epoch
     sample_name: str
+    metric: str  # how model.pt is chosen: one of SELECTION_METRICS
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -181,11 +202,24 @@ def check_config(cfg: TrainConfig) -> None:
         ("batch-size", cfg.batch_size, 1),
         ("captions-per-image", cfg.captions_per_image, 1),
         ("min-word-count", cfg.min_word_count, 1),
+        ("val-decode-images", cfg.val_decode_images, 0),
+        ("lr-step", cfg.lr_step, 0),
     ):
         if value < low:
             raise UserError(f"--{name} must be at least {low}")
-    if cfg.lr <= 0:
-        raise UserError("--lr must be positive")
+    for name, value in (
+        ("lr", cfg.lr),
+        ("grad-clip", cfg.grad_clip),
+        ("lr-gamma", cfg.lr_gamma),
+        ("dropout", cfg.dropout),
+        ("attention-penalty", cfg.attention_penalty),
+    ):
+        if not math.isfinite(value):
+            raise UserError(f"--{name} must be a number, not {value}")
+    if cfg.lr <= 0 or cfg.lr_gamma <= 0:
+        raise UserError("--lr and --lr-gamma must be positive")
+    if cfg.grad_clip < 0 or cfg.attention_penalty < 0 or not 0 <= cfg.dropout < 1:
+        raise UserError("--grad-clip and --attention-penalty must be at least 0, --dropout in [0, 1)")
     if cfg.decoder not in DECODER_PRESETS:
         raise UserError(f"unknown --decoder {cfg.decoder!r} (known: {', '.join(DECODER_PRESETS)})")
     if cfg.finetune is not None and cfg.finetune not in FINETUNE_LAYERS:
@@ -222,9 +256,9 @@ def open_store(path: str | Path) -> FeatureStore:
     return store
 
 
-def prepare(cfg: TrainConfig) -> TrainingData:
-    """Open the store, build the vocabulary from the train split, encode and index the captions."""
-    store = open_store(cfg.store)
+def prepare(cfg: TrainConfig, store: FeatureStore | None = None) -> TrainingData:
+    """Open the store (unless given), build the vocabulary from the train split, encode and index the captions."""
+    store = store or open_store(cfg.store)
     texts, caption_rows = store.caption_text, store.caption_image
     train_rows, val_rows = store.split_rows("train"), store.split_rows("val")
     vocab = train_vocabulary(texts, caption_rows, train_rows, cfg.min_word_count)
@@ -352,12 +386,14 @@ def train_epoch(
 def validation_set(data: TrainingData, cfg: TrainConfig, dist: Dist) -> Validation:
     decode = data.val_rows[: cfg.val_decode_images] if cfg.val_decode_images > 0 else data.val_rows[:0]
     sample_row = int(data.val_rows[0]) if len(data.val_rows) else int(data.train_rows[0])
+    metric = "val_cider_d" if len(decode) else "neg_val_loss" if len(data.val_rows) else "neg_train_loss"
     return Validation(
         validation_batches(data.store, data.captions, dist.part(data.val_rows), dist.device, cfg.batch_size),
         decode,
         data.captions.references(decode),  # read once, not every epoch
         sample_row,
         data.store.images[sample_row],
+        metric,
     )
 
 
@@ -388,18 +424,31 @@ def validate(
 
 
 def fit(cfg: TrainConfig) -> dict:
-    """Train for `cfg.epochs` epochs in total (resumed epochs included). After each epoch: OUT/metrics.jsonl,
-    OUT/model.pt when the epoch is the best so far, OUT/last.pt, OUT/curves.png. Returns the last epoch's
-    metrics ({} when last.pt already had every epoch).
+    """Train for `cfg.epochs` epochs in total (resumed epochs included). After each epoch: OUT/last.pt,
+    OUT/model.pt when the epoch is the best so far, OUT/metrics.jsonl, OUT/curves.png. Returns the last
+    epoch's metrics ({} when last.pt already had every epoch).
 
+    Everything that can be checked is checked before the first step: the settings, the store, that OUT can
+    be written, that no other process writes it (the lock), and that it holds no other run's files.
     Under torchrun: every rank trains; rank 0 alone reads and writes OUT. Whatever it refuses, it refuses
     before anything is written, and every rank stops with the same error."""
     check_config(cfg)
-    with session(cfg.device) as dist:
+    with session(cfg.device) as dist, contextlib.ExitStack() as hold:
         files = RunFiles(Path(cfg.out))
+
+        def claim_out() -> dict | None:
+            """Rank 0: OUT writable, its lock held for the whole run, temps of killed runs removed, then
+            last.pt (--resume) or the refusal of an earlier run's files."""
+            open_store(cfg.store).close()  # a store fit cannot train from is refused before OUT is created
+            check_writable_folder(files.out, "--out")
+            hold.enter_context(exclusive(files.out, f"--out {files.out}"))
+            for path in files.all():
+                remove_stale_temps(path, locked=True)  # left by a run killed with -9 while writing
+            return _load_last(files) if cfg.resume else _refuse_earlier_run(files)
+
         # OUT is rank 0's: it makes the refusals and reads last.pt; the others get the same checkpoint (no
         # need for OUT to be visible from every node) or raise the same error.
-        ckpt = dist.decide(lambda: _load_last(files) if cfg.resume else _refuse_earlier_run(files))
+        ckpt = dist.decide(claim_out)
         if ckpt is not None:
             cfg = resume_config(cfg, ckpt["train_config"])
         data = dist.check(lambda: _prepare_checked(cfg, ckpt, files, dist.world))
@@ -408,7 +457,7 @@ def fit(cfg: TrainConfig) -> dict:
         else:
             state = resume(ckpt, cfg, files, dist.device)
             if dist.is_main:
-                state.records = resumed_history(ckpt, files)
+                _complete_files(ckpt, state.best, files)
             if state.epoch >= cfg.epochs:
                 info(f"{files.last} already has {state.epoch} epochs (asked for {cfg.epochs}): nothing to do")
                 return {}
@@ -456,6 +505,8 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
         )
     )
     encoder_note(cfg, data.store)
+    if val.metric == "neg_train_loss":
+        info(f"{data.store.path} has no validation images: model.pt will be the epoch with the lowest training loss")
     record: dict = {}
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         dist.seed_epoch(cfg.seed, epoch)
@@ -469,7 +520,7 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
         record |= validate(state.model, data, val, cfg, dist)
         # every rank gets the same record (losses all-reduced, rank 0's validation broadcast) and the same
         # best so far (restored from the same last.pt): the best-epoch choice is the same on every rank
-        is_best = state.end_epoch(record)
+        is_best = state.end_epoch(record, val.metric)
         if dist.is_main:
             save_epoch(files, state, data, cfg, is_best)
             info(_epoch_line(record, is_best, val.sample_name))
@@ -529,9 +580,9 @@ def freeze_embeddings(model: Decoder, cfg: TrainConfig) -> None:
 
 
 def resume(ckpt: dict, cfg: TrainConfig, files: RunFiles, device: torch.device) -> TrainingState:
-    """The run saved in last.pt (`ckpt`), continued: weights, optimizer, scheduler, RNG and best epoch. It reads
-    nothing from OUT: under torchrun every rank resumes from rank 0's copy of last.pt. The metrics of the epochs
-    it holds come from `resumed_history` (rank 0)."""
+    """The run saved in last.pt (`ckpt`), continued: weights, optimizer, scheduler, RNG and best epoch. Under
+    torchrun every rank resumes from rank 0's copy of last.pt; rank 0 then completes what a kill left unwritten
+    after it (`_complete_files`)."""
     model, _ = checkpoint.build_model(ckpt, files.last, layer_of(ckpt["store"]))
     if model.encoder is not None:
         model.encoder.requires_grad_(cfg.finetune is not None)
@@ -546,22 +597,36 @@ def resume(ckpt: dict, cfg: TrainConfig, files: RunFiles, device: torch.device) 
         best = Best.from_dict(ckpt["best"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # what mismatched states raise
         raise UserError(f"{files.last} is not a valid last.pt: {describe(e)}") from None
-    return TrainingState(model, optimizer, scheduler, ckpt["epoch"], best)
+    return TrainingState(model, optimizer, scheduler, ckpt["epoch"], best, _resumed_history(ckpt, files))
 
 
-def resumed_history(ckpt: dict, files: RunFiles) -> list[dict]:
-    """The metrics of the epochs last.pt holds; lines of later epochs, written before a kill, are dropped from
-    metrics.jsonl. Rank 0 only: it writes."""
-    found = history.read(files.metrics)
-    records = [r for r in found if isinstance(r.get("epoch"), int) and r["epoch"] <= ckpt["epoch"]]
-    if records != found:
-        history.write(files.metrics, records)
-    return records
+def _resumed_history(ckpt: dict, files: RunFiles) -> list[dict]:
+    """The metrics of the epochs last.pt holds: its own copy (metrics.jsonl may hold a line of an epoch
+    written after it, before a kill), or for a last.pt without one, metrics.jsonl cut at its epoch."""
+    found = ckpt["history"] if isinstance(ckpt.get("history"), list) else history.read(files.metrics)
+    return [r for r in found if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] <= ckpt["epoch"]]
+
+
+def _complete_files(ckpt: dict, best: Best, files: RunFiles) -> None:
+    """Finish the writes that a kill interrupted after last.pt was saved: model.pt of that epoch when it was
+    the best, metrics.jsonl and curves.png as of that epoch."""
+    if best.epoch == ckpt["epoch"] and _saved_epoch(files.model) != best.epoch:
+        checkpoint.save(checkpoint.model_only(ckpt), files.model)
+    records = _resumed_history(ckpt, files)
+    if history.write(files.metrics, records) or (records and not files.curves.exists()):
+        training_curves(records, files.curves)
+
+
+def _saved_epoch(path: Path) -> int | None:
+    try:
+        return checkpoint.load(path)["epoch"]
+    except UserError:
+        return None
 
 
 def save_epoch(files: RunFiles, state: TrainingState, data: TrainingData, cfg: TrainConfig, is_best: bool) -> None:
-    """The run's files after an epoch, each replaced atomically: a kill at any moment leaves every file whole."""
-    history.write(files.metrics, state.records)
+    """The run's files after an epoch, each replaced atomically, last.pt first: from the moment it is saved the
+    run resumes from this epoch, and a resume completes whatever a kill left unwritten after it."""
     extra = checkpoint.finetune_state(state.model) if cfg.finetune is not None else None
     ckpt = checkpoint.model_state(
         state.model.decoder,
@@ -573,18 +638,24 @@ def save_epoch(files: RunFiles, state: TrainingState, data: TrainingData, cfg: T
         state.records[-1],
         extra,
     )
+    checkpoint.save(ckpt | checkpoint.training_state(state.optimizer, state.scheduler, state.records), files.last)
     if is_best:
         checkpoint.save(ckpt, files.model)
-    checkpoint.save(ckpt | checkpoint.training_state(state.optimizer, state.scheduler), files.last)
+    history.write(files.metrics, state.records)
     training_curves(state.records, files.curves)
 
 
 def _load_last(files: RunFiles) -> dict:
+    if not files.last.exists():
+        raise UserError(
+            f"--resume: there is no {files.last} (no epoch of a run in {files.out} has finished yet): "
+            "run the same command without --resume to start"
+        )
     return checkpoint.load(files.last, resume=True)
 
 
 def _refuse_earlier_run(files: RunFiles) -> None:
-    """A new run must not overwrite an earlier one's checkpoints."""
+    """A new run must not overwrite or mix with an earlier run's files."""
     if files.last.exists():
         try:
             done = checkpoint.load(files.last).get("epoch", "?")
@@ -593,6 +664,12 @@ def _refuse_earlier_run(files: RunFiles) -> None:
         raise UserError(
             f"{files.last} holds an earlier run ({done} epochs): pass --resume to continue it, "
             "or --out DIR to start a new one elsewhere"
+        )
+    found = [p.name for p in files.all() if p.exists()]
+    if found:
+        raise UserError(
+            f"{files.out} already holds {', '.join(found)} of another run (and no last.pt to resume from): "
+            "pass --out DIR to start a new run elsewhere, or move those files away"
         )
 
 
@@ -618,8 +695,9 @@ def _fits_on_gpu(cfg: TrainConfig, batches: Batches, device: torch.device) -> bo
 
 def _epoch_line(record: dict, is_best: bool, sample_name: str) -> str:
     cider = f" val CIDEr-D {record['val_cider_d']:.3f}" if "val_cider_d" in record else ""
+    val = f"{record['val_loss']:.3f}" if math.isfinite(record["val_loss"]) else "-"
     return (
-        f"epoch {record['epoch']}: train loss {record['train_loss']:.3f} val loss {record['val_loss']:.3f}{cider} "
+        f"epoch {record['epoch']}: train loss {record['train_loss']:.3f} val loss {val}{cider} "
         f"{record['seconds']:.1f}s {record['samples_per_second']:,.0f} samples/s{' *best*' if is_best else ''}"
         f" | {sample_name}: {record['sample']}"
     )

@@ -112,7 +112,7 @@ def test_generate_config_and_one_printed_line_per_caption(calls):
         "att.png", "--device", "cpu", "--json",
     )  # fmt: skip
     expected = GenerateConfig(
-        images=[Path("a.jpg"), Path("photos")], model=Path("m.pt"), beam_size=1, attention=Path("att.png"), device="cpu"
+        images=[Path("a.jpg"), Path("photos")], model=Path("m.pt"), beam_size=1, attention="att.png", device="cpu"
     )
     assert calls[-1] == ("generate", expected)
     assert [json.loads(line) for line in result.stdout.splitlines()] == [

@@ -67,7 +67,10 @@ def test_stale_temps_of_dead_processes_are_removed(tmp_path):
 
 def _hold_lock(path: Path) -> subprocess.Popen:
     code = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        # Ctrl-C raises KeyboardInterrupt even when the suite runs as a background job (`pytest &`), whose
+        # processes inherit SIGINT ignored
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from pipeline.files import exclusive\n"
         f"with exclusive({str(path)!r}):\n"
         "    print('locked', flush=True); time.sleep(60)\n"

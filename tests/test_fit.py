@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import random
 import shutil
 import signal
 import subprocess
@@ -288,17 +288,6 @@ def test_resume_with_all_epochs_done_changes_nothing(store20, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_fresh_fit_does_not_append_to_stale_metrics(store20, tmp_path):
-    """An OUT with metrics.jsonl but no last.pt (a run killed before its first checkpoint): a new run
-    starts the file afresh."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 9.0}) + "\n", encoding="utf-8")
-    fit(_cfg(store20.path, out, epochs=2))
-    assert [m["epoch"] for m in _metrics(out)] == [1, 2]
-    assert all(m["train_loss"] != 9.0 for m in _metrics(out))
-
-
 def test_cli_fit_captions_per_image_3(store20, tmp_path, cli):
     out = tmp_path / "out"
     result = cli(*_fit_args(store20.path, out, "--epochs", "2", "--captions-per-image", "3"))
@@ -311,32 +300,60 @@ def test_cli_fit_captions_per_image_3(store20, tmp_path, cli):
     assert last["train_config"]["captions_per_image"] == 3 and last["epoch"] == 2
     best = _load(out / "model.pt")  # chosen by validation loss (no CIDEr-D decoding here)
     assert best["epoch"] == 1 + int(np.argmin([m["val_loss"] for m in metrics]))
+    from PIL import Image
+
+    with Image.open(out / "curves.png") as curves:  # redrawn after each epoch: loss, CIDEr-D, samples/s
+        assert curves.format == "PNG" and curves.size[0] > 2 * curves.size[1]
+
+
+def _files_open(out: Path) -> None:
+    """Whenever the run was killed, each of its files opens (checked, as --resume and evaluate load them)."""
+    for name in ("model.pt", "last.pt"):
+        if (out / name).exists():
+            checkpoint.load(out / name, resume=name == "last.pt")
+    if (out / "metrics.jsonl").exists():
+        _metrics(out)
+
+
+def _lock_holder(out: Path) -> int | None:
+    try:
+        return int((out / ".lock").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_matches_an_uninterrupted_run(store20, uninterrupted, tmp_path, cli):
-    """`python cli.py fit` killed with SIGKILL once epoch 1's last.pt exists, then `fit --resume`."""
-    out, epochs = tmp_path / "killed", str(RESUMED["epochs"])
-    args = [sys.executable, "cli.py", *_fit_args(store20.path, out, "--epochs", epochs, *RESUMED_ARGS, val_decode=2)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "last.pt").exists():
-            assert proc.poll() is None, f"fit ended early: {proc.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "no last.pt after 120 s"
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
+def test_sigkill_at_random_moments_then_rerun_ends_like_an_uninterrupted_run(
+    store20, uninterrupted, tmp_path, cli, subprocess_env
+):
+    """`cli.py fit` killed with SIGKILL three times: at a random moment, at a random moment after epoch 1's
+    last.pt, and at a random moment again. After each kill every file opens, and the next command goes on:
+    with --resume once last.pt exists, the same command without it before (OUT then holds none of the run's
+    files). The end equals an uninterrupted run, and no temp file is left."""
+    out, rng, epochs = tmp_path / "killed", random.Random(8), str(RESUMED["epochs"])
+    for after_first_epoch in (False, True, False):
+        resume = ("--resume",) if (out / "last.pt").exists() else ()
+        args = _fit_args(store20.path, out, "--epochs", epochs, *RESUMED_ARGS, *resume, val_decode=2)
+        proc = subprocess.Popen(
+            [sys.executable, "cli.py", *args], cwd=ROOT, env=subprocess_env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and not (
+                _lock_holder(out) == proc.pid and (not after_first_epoch or (out / "last.pt").exists())
+            ):
+                assert time.monotonic() < deadline, "fit did not start within 120 s"
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 1.0))
+        finally:
             proc.kill()
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    done = _load(out / "last.pt")["epoch"]
-    assert 1 <= done < RESUMED["epochs"], "the run finished before it could be killed"
-
-    cli(*_fit_args(store20.path, out, "--epochs", epochs, "--resume"))
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode in (-signal.SIGKILL, 0), err.decode()
+        _files_open(out)
+    cli(*_fit_args(store20.path, out, "--epochs", epochs, *(("--resume",) if (out / "last.pt").exists() else ())))
     _assert_same_run(uninterrupted, out)
+    assert not list(out.glob(".*.tmp-*"))
 
 
 # -- refusals --------------------------------------------------------------------------------------------
