@@ -439,7 +439,9 @@ def fit(cfg: TrainConfig) -> dict:
         def claim_out() -> dict | None:
             """Rank 0: OUT writable, its lock held for the whole run, temps of killed runs removed, then
             last.pt (--resume) or the refusal of an earlier run's files."""
-            open_store(cfg.store).close()  # a store fit cannot train from is refused before OUT is created
+            store = open_store(cfg.store)  # a store fit cannot train from is refused before OUT is created
+            check_finetune(cfg, store)
+            store.close()
             check_writable_folder(files.out, "--out")
             hold.enter_context(exclusive(files.out, f"--out {files.out}"))
             for path in files.all():
