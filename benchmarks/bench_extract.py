@@ -40,7 +40,7 @@ def run(ctx: Context) -> list[Table]:
     from pipeline.transform import load_uint8
 
     dev = ctx.device
-    n = ctx.pick(64, 128)
+    n = ctx.pick(64, 128) if dev.type == "cpu" else ctx.pick(256, 2048)  # a GPU needs more to be timed
     folder = ctx.workdir / "extract-images"
     ctx.log(f"writing {n} synthetic 500x375 JPEGs")
     paths = write_jpegs(folder, n, seed=2)

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from pipeline.vocab import Vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# CAPTIONER_BENCHMARK_DATA: the same layout elsewhere (on a GPU machine, where ../shared does not travel)
+SHARED_DATA = Path(os.environ.get("CAPTIONER_BENCHMARK_DATA") or ROOT.parent / "shared" / "data")
 KARPATHY_FILE = SHARED_DATA / "flickr30k-captions" / "dataset_flickr30k.json.gz"
 EPOCH_IMAGES = 29_000  # Flickr30k Karpathy train split: every per-epoch figure is projected to this
 EPOCHS = 50  # the report's run

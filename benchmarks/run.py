@@ -27,6 +27,7 @@ from benchmarks import (
     bench_extract,
     bench_finetune,
     bench_fit,
+    bench_fit50,
     bench_generate,
     bench_quality,
     bench_scaling,
@@ -47,8 +48,9 @@ SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "finetune": bench_finetune.run,
     "quality": bench_quality.run,
     "epoch": bench_epoch.run,
+    "fit50": bench_fit50.run,
 }
-OPT_IN = ("quality", "epoch")  # long (the demo trained twice; Flickr30k-scale epochs): run only when named
+OPT_IN = ("quality", "epoch", "fit50")  # long (the demo trained twice; Flickr30k-scale epochs): run only when named
 
 
 def cpu_model() -> str:

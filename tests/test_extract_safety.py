@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import inspect
 import io
 import json
+import math
 import os
 import random
 import signal
@@ -381,6 +383,34 @@ def test_ctrl_c_with_decoding_workers_exits_130_without_a_traceback(tmp_path, ma
     with FeatureStore(store) as s:
         assert set(s.status) <= {WRITTEN, PENDING} and (s.status == WRITTEN).sum() >= 2
     assert zygote.run(*args).code == 0
+
+
+def test_kill_9_loses_at_most_a_second_of_work_and_the_rerun_redoes_only_the_rest(
+    tmp_path, make_flickr8k, zygote, cli, fast
+):
+    """Statuses are synced at most a second after their features (store.Writer): a kill -9 half-way keeps the
+    rows finished before the last second, the same command goes on from there, and ends with the store an
+    uninterrupted run makes."""
+    n, delay = 16, 0.25
+    images = make_flickr8k(tmp_path / "imgs", n)
+    store = tmp_path / "s.h5"
+    args = args_for(images, store, "--batch-size", "1")
+    run = zygote.start(*args, fake=delay)
+    run.wait_for_output(f"extract: 8/{n}")  # two seconds in
+    os.kill(run.pid, signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL, run.stdout
+    with FeatureStore(store) as s:
+        assert set(s.status) <= {WRITTEN, PENDING} and not s.complete
+        done = int((s.status == WRITTEN).sum())
+    sync = inspect.signature(feature_store.Writer).parameters["sync_seconds"].default
+    lost_at_most = math.ceil(sync / delay) + 1  # the rows since the last sync, and the one in flight
+    assert 8 - lost_at_most <= done < n
+    result = cli(*args)
+    assert "resuming" in result.stdout and f"{n - done} this run" in result.stdout
+    clean = tmp_path / "clean.h5"
+    cli(*args_for(images, clean, "--batch-size", "1"))
+    same_store(store, clean, exact=False)
+    assert leftovers(tmp_path) == []
 
 
 def test_kill_9_takes_the_decoding_workers_down_with_it(tmp_path, make_flickr8k, zygote):

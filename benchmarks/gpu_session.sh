@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU figures of one lent-GPU session, in priority order, each section under its own time limit (a
+# section that runs out is lost, the others still run). Run from the repository root on the GPU machine:
+#   CAPTIONER_BENCHMARK_DATA=DIR OUT=DIR bash benchmarks/gpu_session.sh
+# DIR holds flickr30k-captions/dataset_flickr30k.json.gz; python3 must have torch, torchvision, h5py, typer,
+# rich, matplotlib and pycocoevalcap (its cider module is enough: PYTHONPATH may point at a copy).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import sys, torch, torchvision, h5py; print(sys.version.split()[0], torch.__version__, torchvision.__version__, h5py.__version__)'
+df -h "${TMPDIR:-/tmp}" | tail -1
+free -g | head -2
+section() {  # section SECONDS NAME [extra args]
+  local limit=$1 name=$2
+  shift 2
+  echo "=== $(date +%T) $name (limit ${limit}s)"
+  timeout "$limit" python3 -m benchmarks.run --device cuda --out "$out/results.json" --only "$name" "$@"
+  echo "=== $(date +%T) $name: exit $?"
+}
+CAPTIONER_FIT50_BUDGET=${CAPTIONER_FIT50_BUDGET:-170} section 240 fit50
+section 170 epoch
+section 90 extract
+section 60 fit --quick
