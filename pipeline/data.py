@@ -137,7 +137,7 @@ class Batches:
         """Copy these rows' features to the device once; batches are then gathered there."""
         feats = self.store.features
         out = torch.empty(
-            (len(self.rows), *feats.shape[1:]), dtype=torch.from_numpy(feats[:1]).dtype, device=self.device
+            (len(self.rows), *feats.shape[1:]), dtype=torch.from_numpy(np.empty(0, feats.dtype)).dtype, device=self.device
         )
         for i in range(0, len(self.rows), chunk):
             block = torch.from_numpy(np.ascontiguousarray(feats[np.sort(self.rows[i : i + chunk])]))

@@ -185,7 +185,7 @@ def test_batch_plan_depends_on_seed_and_epoch_only(store20):
         np.testing.assert_array_equal(batch.tokens.numpy(), ids)
 
 
-@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # fit printed it on GPUs
 def test_resident_features_give_the_same_batches_as_the_memory_map(store20):
     """The GPU path (features copied once, gathered there) exercised on the CPU, in chunks of 3 rows."""
     mapped, _ = _batches(store20, k=2)
