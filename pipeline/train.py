@@ -44,7 +44,33 @@ from pipeline.runtime import autocast
 from pipeline.store import FeatureStore, layer_of
 from pipeline.vocab import Vocabulary
 
-__all__ = ["TrainConfig", "fit", "prepare", "train_step", "make_optimizer", "build_model", "build_encoder"]
+__all__ = [  # the API that fine-tuning, torchrun and the benchmarks build on; TrainConfig is pipeline.config's
+    "TrainConfig",
+    "fit",
+    "run_epochs",
+    "start",
+    "resume",
+    "prepare",
+    "open_store",
+    "check_config",
+    "resume_config",
+    "build_model",
+    "build_encoder",
+    "make_optimizer",
+    "make_scheduler",
+    "train_step",
+    "train_epoch",
+    "validation_set",
+    "validate",
+    "save_epoch",
+    "Best",
+    "RunFiles",
+    "TrainingData",
+    "TrainingState",
+    "Validation",
+    "RESUMED_KEYS",
+    "SELECTION_METRICS",
+]
 FINETUNE_LAYERS = ("layer4",)
 
 # What a resumed run takes from last.pt's train_config instead of from the command line, and why:
