@@ -442,9 +442,19 @@ def _encode_and_write(
                 advance(len(batch_rows))
         counts = writer.finish()
     finally:
+        _shut_down(batches)
         writer.close()
-        del batches  # shuts the workers down
     return counts, now
+
+
+def _shut_down(batches) -> None:
+    """Stop the decoding workers now. `del` would not: a loader's error keeps the loader alive in its
+    traceback, and while it lives, torch's SIGCHLD handler raises a dead worker's error again wherever Python
+    is when the signal comes, after extract's own error line too. torch has no public call for this; without
+    it (another loader class), the loader is left to its own __del__."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
