@@ -136,9 +136,8 @@ class Batches:
     def make_resident(self, chunk: int = 1024) -> None:
         """Copy these rows' features to the device once; batches are then gathered there."""
         feats = self.store.features
-        out = torch.empty(
-            (len(self.rows), *feats.shape[1:]), dtype=torch.from_numpy(np.empty(0, feats.dtype)).dtype, device=self.device
-        )
+        dtype = torch.from_numpy(np.empty(0, feats.dtype)).dtype  # not feats[:1]: a read-only map, torch warns
+        out = torch.empty((len(self.rows), *feats.shape[1:]), dtype=dtype, device=self.device)
         for i in range(0, len(self.rows), chunk):
             block = torch.from_numpy(np.ascontiguousarray(feats[np.sort(self.rows[i : i + chunk])]))
             order = np.argsort(np.argsort(self.rows[i : i + chunk]))  # back from sorted to self.rows order

@@ -394,10 +394,13 @@ def _extract_rows(
             f"out of memory on {device} with --batch-size {cfg.batch_size}: rerun with a smaller --batch-size "
             "(every finished batch is kept)"
         ) from None
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        # torch says "DataLoader worker ... exited unexpectedly" or "... is killed by signal"; a worker killed
+        # while it sends a batch breaks the pipe instead (ConnectionResetError, EOFError). Nothing else in
+        # the loop raises these: store writes are UserErrors, unreadable images are statuses.
+        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
             raise
-        reason = str(e).strip().splitlines()[0].rstrip(". ")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(". ")
         raise UserError(
             f"a decoding worker died ({reason}); every finished batch is kept: rerun the same command to resume"
         ) from None
