@@ -330,10 +330,19 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's images, store, model and figures.")] = D.out,
     images: Annotated[int, typer.Option(min=20, help="Generated images.")] = D.images,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = D.epochs,
+    finetune: Annotated[
+        bool,
+        typer.Option(
+            "--finetune/--frozen",
+            help="Fine-tune ResNet50's layer4 from a layer3 store (fit --finetune layer4), or train on frozen "
+            "layer4 features.",
+        ),
+    ] = D.finetune,
 ) -> None:
     """The whole pipeline on a generated sample: CPU, no downloads, a few minutes."""
     again = "interrupted: rerun the same command to start the demo again"
-    _call(_pipeline("demo", "demo"), D(out=out, images=images, epochs=epochs), interrupted=lambda: again)
+    cfg = D(out=out, images=images, epochs=epochs, finetune=finetune)
+    _call(_pipeline("demo", "demo"), cfg, interrupted=lambda: again)
 
 
 @app.command()

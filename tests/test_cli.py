@@ -126,6 +126,9 @@ def test_demo_config(calls):
     assert calls == [("demo", DemoConfig())]
     _invoke("demo", "--out", "d", "--images", "40", "--epochs", "2")
     assert calls[-1] == ("demo", DemoConfig(out=Path("d"), images=40, epochs=2))
+    for flag, finetune in (("--finetune", True), ("--frozen", False)):
+        _invoke("demo", flag)
+        assert calls[-1] == ("demo", DemoConfig(finetune=finetune))
 
 
 def test_extract_config(calls):
