@@ -65,7 +65,7 @@ class CaptionTraining(nn.Module):
         super().__init__()
         self.decoder = decoder
         self.penalty = penalty
-        self.loss_fn = loss_fn  # caption_loss, or torch.compile(caption_loss) for fit --compile
+        self.loss_fn = loss_fn  # caption_loss; fit --compile compiles the decoder's cell instead (model.compile_cell)
 
     def forward(
         self, features: torch.Tensor, tokens: torch.Tensor, weight: float = 1.0

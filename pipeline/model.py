@@ -231,6 +231,15 @@ class Decoder(nn.Module):
         return torch.stack(hs, dim=2), torch.stack(alphas, dim=2)  # (B, G, T, H), (B, G, T, P)
 
 
+def compile_cell(decoder: Decoder) -> None:
+    """`fit --compile`: torch.compile the recurrence's step, `Decoder._cell` (attention, gates, LSTM update),
+    whose dozen small operations become a few fused kernels, forward and backward. Its batch dimension is
+    dynamic: the images still active shrink step by step, and the caption lengths differ from batch to
+    batch. (Compiling the whole loss instead specialised on those lengths: it compiled again for nearly every
+    batch, minutes on end, and then ran uncompiled.)"""
+    decoder._cell = torch.compile(decoder._cell, dynamic=True)
+
+
 def run_encoder(encoder: nn.Module, stored: torch.Tensor) -> torch.Tensor:
     """A convolutional stage on channels-last rows: (B, 14, 14, 1024) -> (B, 7, 7, 2048) for layer4."""
     x = stored.to(next(encoder.parameters()).dtype).permute(0, 3, 1, 2)  # (B, C, h, w) view, channels-last memory

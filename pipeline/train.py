@@ -38,8 +38,16 @@ from pipeline.encoder import build_recorded, split_resnet50
 from pipeline.errors import UserError, describe
 from pipeline.figures import training_curves
 from pipeline.files import check_writable_folder, exclusive, remove_stale_temps
-from pipeline.loss import CaptionTraining, caption_loss, validation_sums
-from pipeline.model import DECODER_PRESETS, CaptionModel, Decoder, DecoderConfig, count_parameters, run_encoder
+from pipeline.loss import CaptionTraining, validation_sums
+from pipeline.model import (
+    DECODER_PRESETS,
+    CaptionModel,
+    Decoder,
+    DecoderConfig,
+    compile_cell,
+    count_parameters,
+    run_encoder,
+)
 from pipeline.runtime import autocast
 from pipeline.store import FeatureStore, layer_of
 from pipeline.vocab import Vocabulary
@@ -518,10 +526,11 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
     if _fits_on_gpu(cfg, train, device):
         train.make_resident()
     val = validation_set(data, cfg, dist)
-    loss_fn = torch.compile(caption_loss) if cfg.compile else caption_loss
+    if cfg.compile:
+        compile_cell(state.model.decoder)
     # layer4 trains only after --finetune-after epochs: until then DDP must expect parameters without gradients
     partial = cfg.finetune is not None and cfg.finetune_after > state.epoch
-    module = dist.wrap(CaptionTraining(state.model, cfg.attention_penalty, loss_fn), find_unused_parameters=partial)
+    module = dist.wrap(CaptionTraining(state.model, cfg.attention_penalty), find_unused_parameters=partial)
     info(
         f"fit: {len(data.train_rows)} train / {len(data.val_rows)} val images, vocabulary {len(data.vocab)}, "
         f"{count_parameters(state.model, trainable=True) / 1e6:.1f}M parameters trained, device {device}"

@@ -443,3 +443,31 @@ def test_resume_on_an_identical_store_copy_is_accepted(store20, trained_copy, tm
 def test_usage_error_exits_2(store20, tmp_path, cli):
     result = cli(*_fit_args(store20.path, tmp_path / "out", "--epochs", "0"), code=2)
     assert "error:" not in result.stdout
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_model_without_compiling_again_for_each_caption_length(tmp_path):
+    """fit --compile compiles the decoder's cell with a dynamic batch dimension: the losses are the eager ones,
+    and captions of many lengths (here 1 to 12 words) cause no recompilation beyond the first ones (the
+    whole-loss compile it replaces hit torch's limit of 8 within an epoch, and then ran uncompiled)."""
+    import torch._dynamo
+
+    rng = random.Random(0)
+    words = ["a", "red", "blue", "dog", "cat", "runs", "on", "the", "grass", "near", "big", "tree"]
+    captions = [[" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(2)] for _ in range(40)]
+    store = make_store(tmp_path / "s.h5", n_images=40, captions=captions)
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        out = tmp_path / f"compile{compiled}"
+        fit(TrainConfig(store=str(store.path), out=str(out), epochs=2, batch_size=4, device="cpu", seed=0,
+                        min_word_count=1, decoder="tiny", val_decode_images=0, compile=compiled))  # fmt: skip
+        runs[compiled] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if compiled:  # the old whole-loss compile: 27 frames compiled, and "recompile limit exceeded"
+            counters = torch._dynamo.utils.counters
+            assert counters["frames"]["total"] == counters["frames"]["ok"] <= 8, dict(counters["frames"])
+            assert not counters["unimplemented"], list(counters["unimplemented"])
+    for eager, compiled in zip(runs[False], runs[True], strict=True):
+        assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+        assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
