@@ -23,3 +23,5 @@ CAPTIONER_FIT50_BUDGET=${CAPTIONER_FIT50_BUDGET:-170} section 240 fit50
 section 170 epoch
 section 90 extract
 section 60 fit --quick
+# not yet measured on a GPU: the compiled cell (fit --compile) at the report's batch, against the first row
+CAPTIONER_FIT50_EPOCHS=3 CAPTIONER_FIT50_ARGS="--compile" section 150 fit50
