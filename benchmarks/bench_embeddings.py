@@ -88,11 +88,28 @@ def _transformed(variant: str, seed: int) -> Iterator[None]:
         train.initial_vectors = original
 
 
+WORKDIR_MARK = ".captioner-bench-embeddings"
+
+
+def claim_workdir(path: Path) -> None:
+    """`--workdir`: a new or empty folder, marked as this script's, or one it marked before. Its run folders are
+    deleted and remade by every invocation, so a folder holding anything else is refused, untouched."""
+    if path.exists() and not path.is_dir():
+        raise BenchmarkError(f"--workdir {path} is a file, not a folder")
+    if path.is_dir() and not (path / WORKDIR_MARK).is_file() and any(path.iterdir()):
+        raise BenchmarkError(
+            f"--workdir {path} is not empty and was not made by this script: nothing in it is touched; "
+            "give a new or empty folder"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / WORKDIR_MARK).write_text("made by benchmarks/bench_embeddings.py, which deletes its runs here\n")
+
+
 def fit_variant(store: Path, out: Path, variant: str, seed: int, **settings) -> dict:
     """One fit run; returns its per-epoch metrics and timings."""
     from pipeline.train import TrainConfig, fit
 
-    shutil.rmtree(out, ignore_errors=True)  # this script's own run folder, from an earlier invocation
+    shutil.rmtree(out, ignore_errors=True)  # its own run folder from an earlier invocation (claim_workdir)
     cfg = TrainConfig(
         store=str(store),
         out=str(out),
@@ -318,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.workdir:
+        try:
+            claim_workdir(args.workdir)
+        except BenchmarkError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     try:
         import gensim  # noqa: F401
     except ImportError:
@@ -337,7 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if args.workdir:
-            args.workdir.mkdir(parents=True, exist_ok=True)
             tmp = str(args.workdir)
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="captioner-embeddings-"))
