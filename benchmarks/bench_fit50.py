@@ -10,7 +10,6 @@ the per-epoch training seconds come from its metrics.jsonl.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shlex
@@ -19,15 +18,12 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import ROOT, Context, Table, make_store, require_data
+from benchmarks.common import ROOT, Context, Table, flickr, make_store
 
 
 def run(ctx: Context) -> list[Table]:
-    with gzip.open(require_data(), "rt", encoding="utf-8") as f:
-        images = json.load(f)["images"]
-    captions = [[" ".join(s["raw"].split()) for s in im["sentences"] if s.get("raw", "").strip()] for im in images]
-    splits = [{"restval": "train"}.get(im.get("split"), im.get("split")) for im in images]
-    n = ctx.pick(600, len(images))
+    captions, splits = flickr().captions, flickr().splits
+    n = ctx.pick(600, len(captions))
     epochs = int(os.environ.get("CAPTIONER_FIT50_EPOCHS") or ctx.pick(2, 50))
     extra = shlex.split(os.environ.get("CAPTIONER_FIT50_ARGS", ""))  # e.g. "--batch-size 256"
     store = ctx.workdir / "flickr30k-layer4.h5"

@@ -56,6 +56,8 @@ def require_data() -> Path:
 class Flickr:
     train: list[list[str]]  # the captions of each train image, in file order
     all_texts: list[str]  # every caption of every split
+    captions: list[list[str]]  # the captions of every image, in file order
+    splits: list[str]  # each image's split, in file order (restval as train)
 
 
 @lru_cache(maxsize=1)
@@ -66,8 +68,9 @@ def flickr() -> Flickr:
     with gzip.open(require_data(), "rt", encoding="utf-8") as f:
         images = json.load(f)["images"]
     captions = [[" ".join(s["raw"].split()) for s in im["sentences"] if s.get("raw", "").strip()] for im in images]
-    train = [caps for im, caps in zip(images, captions, strict=True) if im.get("split") in ("train", "restval")]
-    return Flickr(train, [c for caps in captions for c in caps])
+    splits = [{"restval": "train"}.get(im.get("split"), im.get("split")) for im in images]
+    train = [caps for caps, split in zip(captions, splits, strict=True) if split == "train"]
+    return Flickr(train, [c for caps in captions for c in caps], captions, splits)
 
 
 VOCAB_RULES = {
