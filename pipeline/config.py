@@ -57,7 +57,10 @@ class TrainConfig:
     dropout: float = 0.0
     gate: bool = False
     attention_penalty: float = 0.0
-    feature_scale: bool = True  # scale features to RMS 1 (see DecoderConfig.feature_scale)
+    # how the decoder's input features are normalised, with statistics of the train split's features, kept in
+    # the checkpoint (pipeline/model.py DecoderConfig): channel (each channel standardised), rms (all scaled
+    # by one number, the default before), none (raw, the report's)
+    feature_norm: str = "channel"
     # validation decoding (CIDEr-D) for choosing model.pt; 0 images = choose by validation loss
     val_decode_images: int = 1000
     val_beam_size: int = 1

@@ -212,6 +212,51 @@ def validation_batches(
     return Batches(store, captions, rows, max(batch_size, VALIDATION_BATCH_IMAGES), VALIDATION_CAPTIONS, device)
 
 
+@dataclass(frozen=True)
+class FeatureStats:
+    """Per-channel statistics of the features the decoder reads, over the training rows: what fit normalises
+    with (DecoderConfig.feature_norm, feature_scale)."""
+
+    mean: torch.Tensor  # (D,) float32
+    std: torch.Tensor  # (D,) float32, floored (see feature_stats)
+    rms: float  # of all the values: 1/rms is the single scale of `--feature-norm rms`
+
+
+def feature_stats(
+    features: np.ndarray,
+    rows: np.ndarray,
+    sample: int = 1024,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = 64,
+) -> FeatureStats:
+    """Mean, standard deviation and RMS of each channel over every grid cell of (up to) `sample` rows evenly
+    spaced over `rows` (fit passes the train split's: nothing of the val or test images leaks into the model),
+    read `batch_size` rows at a time and summed in float64. `encode`: what the decoder reads is not the stored
+    rows but encode(rows) (layer4 run on a layer3 store's rows).
+
+    A channel that hardly varies over the training images (a ReLU output that is almost always 0) would be
+    blown up by its tiny deviation: deviations are floored at 1e-3 of the typical channel's."""
+    pick = np.unique(rows[np.linspace(0, len(rows) - 1, min(sample, len(rows))).astype(int)])
+    total = square = None
+    count = 0
+    with torch.no_grad():
+        for i in range(0, len(pick), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(features[pick[i : i + batch_size]]))
+            x = (encode(x) if encode is not None else x).double()
+            x = x.reshape(-1, x.shape[-1])  # (cells, D)
+            total = x.sum(0) if total is None else total + x.sum(0)
+            square = x.square().sum(0) if square is None else square + x.square().sum(0)
+            count += x.shape[0]
+    if total is None:
+        raise ValueError("no rows to compute feature statistics from")
+    mean = total / count
+    var = (square / count - mean.square()).clamp_min(0)
+    std = var.sqrt()
+    floor = 1e-3 * float(std.median()) if float(std.median()) > 0 else 1e-6
+    rms = float((square.sum() / (count * len(mean))).sqrt())
+    return FeatureStats(mean.float(), std.clamp_min(floor).float(), rms)
+
+
 def feature_scale(
     features: np.ndarray,
     rows: np.ndarray,
@@ -219,20 +264,9 @@ def feature_scale(
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     batch_size: int = 32,
 ) -> float:
-    """1 / RMS of (up to) `sample` rows' features, evenly spaced over `rows`: what fit sets
-    DecoderConfig.feature_scale to, from the training rows. `encode`: what the decoder reads is not the stored
-    rows but encode(rows) (layer4 run on a layer3 store's rows), taken `batch_size` rows at a time."""
-    pick = np.unique(rows[np.linspace(0, len(rows) - 1, min(sample, len(rows))).astype(int)])
-    if encode is None:
-        rms = float(np.sqrt(np.mean(np.square(np.asarray(features[pick], dtype=np.float32)))))
-    else:
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(pick), batch_size):
-                out = encode(torch.from_numpy(np.ascontiguousarray(features[pick[i : i + batch_size]]))).double()
-                total += float(out.square().sum())
-                count += out.numel()
-        rms = (total / max(count, 1)) ** 0.5
+    """1 / RMS of (up to) `sample` rows' features, evenly spaced over `rows` (`--feature-norm rms`, fit's
+    default before per-channel statistics, and what the benchmarks scale random features with)."""
+    rms = feature_stats(features, rows, sample, encode, batch_size).rms
     return 1.0 / rms if rms > 0 else 1.0
 
 

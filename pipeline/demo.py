@@ -162,6 +162,20 @@ def object_attention(model: Path, store: Path, truth: dict[str, dict], beam_size
     return attention_on_object(items)
 
 
+def probe_accuracy(store: Path, truth: dict[str, dict]) -> dict[str, float]:
+    """What a linear classifier reads from the store's features (pipeline.probe, on the whole grid): the
+    test accuracy per attribute, the ceiling the captions are held to."""
+    from pipeline.probe import linear_probe
+    from pipeline.store import FeatureStore
+
+    with FeatureStore(store) as features:
+        names = features.images
+        labels = {a: [truth[n][a] if n in truth else "" for n in names] for a in ("colour", "shape", "place")}
+        train, val, test = (features.split_rows(s) for s in ("train", "val", "test"))
+        found = linear_probe(features.features, labels, train, val, test, pools=("grid",))
+    return {r.attribute: r.accuracy for r in found}
+
+
 def pick_weights(requested: str | None) -> str:
     if requested is not None:
         return requested
@@ -278,9 +292,13 @@ def _run(cfg: DemoConfig) -> dict:
     print_scores(result)
     data = json.loads(captions.read_text(encoding="utf-8"))["images"]
     truth = {f"{e['filepath']}/{e['filename']}": e["attributes"] for e in data}
-    info("\nhow often a test caption names the right attribute (chance = a random guess):")
+    probe = probe_accuracy(store, truth)
+    info(
+        "\nhow often a test caption names the right attribute, next to the ceiling: what a linear classifier reads "
+        "from the same features (chance = a random guess):"
+    )
     for attr, (acc, chance) in attribute_accuracy(result["captions"], truth).items():
-        info(f"  {attr:7s} {acc:6.1%}   chance {chance:6.1%}")
+        info(f"  {attr:7s} captions {acc:6.1%}   linear probe {probe[attr]:6.1%}   chance {chance:6.1%}")
     att = object_attention(cfg.out / "model.pt", store, truth)
     info("attention on the object while a test caption names a colour or a shape (1x = spread evenly):")
     for kind in ("colour", "shape"):

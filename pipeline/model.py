@@ -50,11 +50,18 @@ class DecoderConfig:
     init_from_features: bool = False  # SAT: h0, c0 = tanh(Linear(mean feature)); report: zeros
     dropout: float = 0.0  # SAT: dropout on h before the output layer
     gate: bool = False  # SAT: context scaled by sigmoid(Linear(h)) per feature channel
-    # Features are multiplied by this before anything else. fit sets it to 1/RMS of the training features:
-    # since attention's context is linear in the features, this is the same function class (the scale folds
-    # into f_att and the context part of the gates) with well-scaled inputs at init. ImageNet features have
-    # RMS near 1; a random-init ResNet50's (--weights none) near 30, which saturates every tanh and sigmoid.
+    # What the decoder does to its input features before anything else, fixed at the start of training from
+    # the train split's features (`fit --feature-norm`). Since attention's context is linear in the features
+    # and its weights sum to 1, both are the same function class as the raw features (they fold into f_att and
+    # the context part of the gates): they only decide how well-conditioned training is.
+    # feature_scale: features times this one number (fit's `rms`: 1/RMS of the training features, the default
+    # before per-channel statistics; 1 = the report's raw features).
     feature_scale: float = 1.0
+    # feature_norm: each of the D channels standardised, (x - mean_c) / std_c, with the statistics held in the
+    # buffers `feature_mean` and `feature_inv_std` (so they travel in the state_dict). Measured on the demo:
+    # a random ResNet50's channels differ in scale by orders of magnitude, a few large ones drown the rest,
+    # and the decoder names the colour of 42% of the test images instead of 100% (BENCHMARKS.md).
+    feature_norm: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +125,15 @@ class Decoder(nn.Module):
             self.init_c = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
         if cfg.gate:
             self.f_beta = nn.Linear(cfg.hidden_dim, cfg.feature_dim)
+        if cfg.feature_norm:  # identity until fit sets them (`set_feature_stats`)
+            self.register_buffer("feature_mean", torch.zeros(cfg.feature_dim))
+            self.register_buffer("feature_inv_std", torch.ones(cfg.feature_dim))
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The per-channel statistics of the training features (D,) that `feature_norm` standardises with."""
+        with torch.no_grad():
+            self.feature_mean.copy_(mean)
+            self.feature_inv_std.copy_(1.0 / std)
 
     # -- the weights, split the way the fast path uses them ------------------------------------------
     def _split_gates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,6 +158,8 @@ class Decoder(nn.Module):
         feats = features.reshape(features.shape[0], -1, features.shape[-1]).to(dtype)  # (B, P, D)
         if self.cfg.feature_scale != 1.0:
             feats = feats * self.cfg.feature_scale
+        if self.cfg.feature_norm:
+            feats = (feats - self.feature_mean.to(dtype)) * self.feature_inv_std.to(dtype)
         b, hdim = feats.shape[0], self.cfg.hidden_dim
         if self.cfg.init_from_features:
             mean = feats.mean(dim=1)  # (B, D)

@@ -31,7 +31,7 @@ import torch
 from pipeline import checkpoint, history
 from pipeline.config import TrainConfig, Word2VecConfig
 from pipeline.console import info, progress
-from pipeline.data import Batches, CaptionIndex, feature_scale, validation_batches
+from pipeline.data import Batches, CaptionIndex, FeatureStats, feature_stats, validation_batches
 from pipeline.decode import decode_rows
 from pipeline.distributed import Dist, session
 from pipeline.encoder import build_recorded, split_resnet50
@@ -80,6 +80,7 @@ __all__ = [  # the API that fine-tuning, torchrun and the benchmarks build on; T
     "SELECTION_METRICS",
 ]
 FINETUNE_LAYERS = ("layer4",)
+FEATURE_NORMS = ("channel", "rms", "none")  # TrainConfig.feature_norm
 
 # What a resumed run takes from last.pt's train_config instead of from the command line, and why:
 RESUMED_KEYS = (
@@ -90,7 +91,7 @@ RESUMED_KEYS = (
     "init_from_features",
     "dropout",
     "gate",
-    "feature_scale",
+    "feature_norm",
     "finetune",
     # what defines the training trajectory: resumed, the run must end where an uninterrupted one ends
     "seed",
@@ -254,6 +255,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("--lr and --lr-gamma must be positive")
     if cfg.grad_clip < 0 or cfg.attention_penalty < 0 or not 0 <= cfg.dropout < 1:
         raise UserError("--grad-clip and --attention-penalty must be at least 0, --dropout in [0, 1)")
+    if cfg.feature_norm not in FEATURE_NORMS:
+        raise UserError(f"--feature-norm takes {', '.join(FEATURE_NORMS)}, not {cfg.feature_norm!r}")
     if cfg.decoder not in DECODER_PRESETS:
         raise UserError(f"unknown --decoder {cfg.decoder!r} (known: {', '.join(DECODER_PRESETS)})")
     if cfg.finetune is not None and cfg.finetune not in FINETUNE_LAYERS:
@@ -313,6 +316,8 @@ def resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     """The config of a resumed run: `cfg` (epochs, device, out, amp... from the command line) with the
     RESUMED_KEYS of the checkpoint's train_config. `cfg` itself is not changed."""
     resumed = {k: saved[k] for k in RESUMED_KEYS if k in saved}
+    if "feature_norm" not in saved:  # checkpoints from before per-channel statistics: a bool, one scale or none
+        resumed["feature_norm"] = "rms" if saved.get("feature_scale", True) else "none"
     if isinstance(resumed.get("word2vec"), dict):  # saved as a plain dict (weights_only checkpoints)
         resumed["word2vec"] = Word2VecConfig(**resumed["word2vec"])
     # checkpoints from before word vectors: random and trained, whatever this command line says
@@ -321,18 +326,24 @@ def resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     return dataclasses.replace(cfg, **resumed)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, scale: float) -> Decoder:
-    """The decoder a new run trains, initialised from torch's RNG (fit seeds it first)."""
-    return Decoder(
+def build_model(cfg: TrainConfig, vocab_size: int, stats: FeatureStats | None = None) -> Decoder:
+    """The decoder a new run trains, initialised from torch's RNG (fit seeds it first), normalising its input
+    with `stats` of the training features as `cfg.feature_norm` says (none: raw features)."""
+    norm = cfg.feature_norm if stats is not None else "none"
+    decoder = Decoder(
         DecoderConfig.preset(
             cfg.decoder,
             vocab_size=vocab_size,
             init_from_features=cfg.init_from_features,
             dropout=cfg.dropout,
             gate=cfg.gate,
-            feature_scale=scale,
+            feature_scale=1.0 / stats.rms if norm == "rms" and stats.rms > 0 else 1.0,
+            feature_norm=norm == "channel",
         )
     )
+    if norm == "channel":
+        decoder.set_feature_stats(stats.mean, stats.std)
+    return decoder
 
 
 def build_encoder(store: FeatureStore, trainable: bool) -> torch.nn.Module | None:
@@ -587,14 +598,14 @@ def start(cfg: TrainConfig, data: TrainingData, device: torch.device) -> Trainin
     feature scale is measured on layer4's output of the training sample: that is what the decoder reads."""
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(data.store, trainable=cfg.finetune is not None)
-    scale = 1.0
-    if cfg.feature_scale:
+    stats = None
+    if cfg.feature_norm != "none":
         encode = None
         if encoder is not None:
             encoder.to(device)
-            encode = lambda x: run_encoder(encoder, x.to(device))  # noqa: E731
-        scale = feature_scale(data.store.features, data.train_rows, encode=encode)
-    model = CaptionModel(build_model(cfg, len(data.vocab), scale), encoder).to(device)
+            encode = lambda x: run_encoder(encoder, x.to(device)).cpu()  # noqa: E731
+        stats = feature_stats(data.store.features, data.train_rows, encode=encode)
+    model = CaptionModel(build_model(cfg, len(data.vocab), stats), encoder).to(device)
     if cfg.embeddings != "random":  # initial word vectors (numpy-seeded: torch's RNG stream is untouched)
         from pipeline.embeddings import initial_vectors
 

@@ -35,6 +35,7 @@ TEMPLATES = (  # short: training cost grows with caption length
 N_CLASSES = len(COLOURS)
 SIGNAL_WIDTH = 16
 SIGNAL = 3.0
+DTYPES = feature_store.DTYPES
 
 
 def class_captions(c: int) -> list[str]:
@@ -75,11 +76,13 @@ def make_store(
     weights: WeightsInfo | None = None,
     finish: bool = True,
     layer: str = "layer4",
+    features: np.ndarray | None = None,
 ) -> SyntheticStore:
     """Create a complete store at `path` (all rows written) without any encoder.
 
     `captions` and `splits` (one entry per image) replace the generated ones; with `finish=False` only
     the first half of the rows is written and the store stays incomplete, as after an interrupted extract.
+    `features` (one row per image) replace the generated ones.
     """
     path = Path(path)
     classes = np.arange(n_images) % N_CLASSES
@@ -99,7 +102,7 @@ def make_store(
 
     prov = provenance((weights or WeightsInfo("none", "")).to_dict(), TransformConfig(), dtype, layer)
     feature_store.create(path, caption_set, prov)
-    feats = make_features(classes, seed, dtype, layer)
+    feats = make_features(classes, seed, dtype, layer) if features is None else features.astype(DTYPES[dtype])
     writer = feature_store.Writer(path)
     try:
         rows = np.arange(n_images) if finish else np.arange(n_images // 2)

@@ -24,7 +24,7 @@ import torch
 from helpers_store import ROOT, make_store
 
 from pipeline import distributed
-from pipeline.data import Batches, feature_scale
+from pipeline.data import Batches, feature_stats
 from pipeline.loss import caption_loss
 from pipeline.train import TrainConfig, build_model, fit, make_optimizer, prepare
 
@@ -156,7 +156,7 @@ def test_one_process_fit_makes_no_group_nor_wrapper_and_equals_a_plain_loop(stor
 
     data = prepare(cfg)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, len(data.vocab), feature_scale(data.store.features, data.train_rows))
+    model = build_model(cfg, len(data.vocab), feature_stats(data.store.features, data.train_rows))
     optimizer = make_optimizer(model, cfg.lr)
     model.train()
     for batch in Batches(data.store, data.captions, data.train_rows, 5, 2, CPU).iterate(1, cfg.seed):

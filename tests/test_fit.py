@@ -225,9 +225,13 @@ def test_full_size_decoder_learns_and_writes_loadable_checkpoints(store20, tmp_p
         assert ckpt["model_config"]["vocab_size"] == len(ckpt["vocab"])
         assert not ckpt["model_config"]["init_from_features"] and not ckpt["model_config"]["gate"]
         assert ckpt["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "yellow" in ckpt["vocab"]
+    # each input channel standardised with the train split's statistics, held in the checkpoint
     train_feats = store20.features[[i for i, sp in enumerate(store20.splits) if sp == "train"]].astype(np.float64)
-    rms = float(np.sqrt(np.mean(np.square(train_feats))))
-    assert last["model_config"]["feature_scale"] == pytest.approx(1 / rms, rel=1e-4)  # inputs scaled to RMS 1
+    cells = train_feats.reshape(-1, train_feats.shape[-1])
+    assert last["model_config"]["feature_norm"] and last["model_config"]["feature_scale"] == 1.0
+    np.testing.assert_allclose(last["model"]["feature_mean"].numpy(), cells.mean(0), rtol=1e-4, atol=1e-6)
+    std = np.maximum(cells.std(0), 1e-3 * np.median(cells.std(0)))
+    np.testing.assert_allclose(1 / last["model"]["feature_inv_std"].numpy(), std, rtol=1e-4)
     assert last["epoch"] == 3 and best["epoch"] == 3  # val loss fell every epoch: the last is the best
     assert {"optimizer", "scheduler", "rng"} <= last.keys()
     _assert_same_weights(best["model"], last["model"])

@@ -1,0 +1,95 @@
+"""Captions that say what the features hold: a decoder trained by fit names what a linear classifier reads.
+
+The features here are built to fail the way a random ResNet50's did in the demo (BENCHMARKS.md): channels whose
+scales span four orders of magnitude, most of them noise, and the answer carried by a few small channels at the
+object's grid cells. A linear probe reads it perfectly; a decoder that sees the raw scale (or one number for all
+channels) has its inputs dominated by the large noise channels. fit's default standardises each channel with
+the train split's statistics, and its captions then name the answer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers_store import default_splits, make_store
+
+from pipeline import checkpoint
+from pipeline.decode import decode_rows
+from pipeline.probe import linear_probe
+from pipeline.store import FeatureStore
+from pipeline.train import TrainConfig, fit
+
+COLOURS = ("crimson", "teal", "amber")
+SHAPES = ("blob", "rod", "ring")
+PLACES = ((1, 1), (3, 3), (5, 5), (1, 5), (5, 1))  # the centre of the object's 3x3 cells
+
+
+def _scaled_features(n: int, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """(n, 7, 7, 2048) features and each image's colour and shape. Channel c has scale 10**u_c, u_c uniform
+    in [-2, 2], and noise |N(0, 1)| times that. The colour, and the shape, each add 4 scales to 64 of the 384
+    smallest channels, on the 3x3 cells of the object, which sits in one of 5 places."""
+    rng = np.random.default_rng(seed)
+    scales = 10.0 ** rng.uniform(-2, 2, 2048)
+    small = rng.permutation(np.argsort(scales)[:384]).reshape(6, 64)  # 3 colours' channels, then 3 shapes'
+    feats = np.abs(rng.standard_normal((n, 7, 7, 2048))) * scales
+    truth = []
+    for i in range(n):
+        colour, shape = int(rng.integers(3)), int(rng.integers(3))
+        y, x = PLACES[int(rng.integers(len(PLACES)))]
+        for channels in (small[colour], small[3 + shape]):
+            feats[i, y - 1 : y + 2, x - 1 : x + 2][..., channels] += 4 * scales[channels]
+        truth.append({"colour": COLOURS[colour], "shape": SHAPES[shape]})
+    return feats.astype(np.float32), truth
+
+
+def _captions(t: dict) -> list[str]:
+    return [f"a {t['colour']} {t['shape']} .", f"the {t['shape']} is {t['colour']} .", f"{t['colour']} {t['shape']}"]
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory):
+    n = 240
+    feats, truth = _scaled_features(n)
+    path = tmp_path_factory.mktemp("scaled") / "features.h5"
+    captions = [_captions(t) for t in truth]
+    make_store(path, n, captions=captions, splits=default_splits(n), features=feats, dtype="float32")
+    return path, truth
+
+
+def _named(store_path, out, truth) -> dict[str, float]:
+    """Share of the test images whose greedy caption names their colour, and their place."""
+    ckpt = checkpoint.load(out / "model.pt")
+    with FeatureStore(store_path) as store:
+        model, vocab = checkpoint.build_model(ckpt, out / "model.pt", store.layer)
+        rows = store.split_rows("test")
+        decoded = decode_rows(model, store.features, rows, torch.device("cpu"), 1, checkpoint.max_steps(ckpt))
+    words = [set(vocab.decode(d.tokens).split()) for d in decoded]
+    hits = {a: [truth[r][a] in w for r, w in zip(rows, words, strict=True)] for a in ("colour", "shape")}
+    return {a: float(np.mean(h)) for a, h in hits.items()}
+
+
+def _fit(store_path, out, **kw) -> None:
+    fit(
+        TrainConfig(
+            store=str(store_path), out=str(out), epochs=30, batch_size=8, lr=1e-2, device="cpu", min_word_count=1,
+            captions_per_image=3, val_decode_images=0, decoder="tiny", **kw,
+        )
+    )  # fmt: skip
+
+
+def test_captions_name_what_a_linear_probe_reads_from_badly_scaled_features(scaled, tmp_path):
+    path, truth = scaled
+    with FeatureStore(path) as store:
+        labels = {a: [t[a] for t in truth] for a in ("colour", "shape")}
+        splits = [store.split_rows(s) for s in ("train", "val", "test")]
+        probe = {r.attribute: r.accuracy for r in linear_probe(store.features, labels, *splits, pools=("grid",))}
+    assert probe == {"colour": 1.0, "shape": 1.0}  # the answer is linearly readable
+
+    _fit(path, tmp_path / "channel")  # the default: each channel standardised
+    named = _named(path, tmp_path / "channel", truth)
+    assert all(named[a] >= probe[a] - 0.05 for a in probe), (named, probe)
+
+    # the cause, shown: the same run with all channels scaled by one number (the default before) misses the colour
+    _fit(path, tmp_path / "rms", feature_norm="rms")
+    assert _named(path, tmp_path / "rms", truth)["colour"] < 0.7
