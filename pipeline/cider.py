@@ -8,13 +8,16 @@ batch with numpy. `corpus_score` is fit's validation CIDEr-D: tokenised as `metr
 the document frequencies of the scored references, as pycocoevalcap does.
 
 Why hand-written: pycocoevalcap recomputes the document frequencies from the scored references on every call
-(it cannot score a batch of train images with the train split's statistics) and works n-gram by n-gram in
-Python dicts: ~80 ms for 32 images x 5 samples, as long as a training step. Here words and n-grams are
-integers. An n-gram's code is (id of its first n-1 words) << 32 | (id of its last word), and its id is the
-code's index in the corpus's sorted table of that order (an n-gram absent from the corpus gets an id past the
-table's end), so n-grams of any vocabulary size are told apart exactly. Each image's references are turned
-into tf-idf entries once and cached; a call then handles the candidates' n-grams only, with a few numpy
-operations per n-gram order and one sorted join against the references of their images.
+(so it cannot score a batch of train images with the train split's statistics), and works n-gram by n-gram in
+Python dicts, references included: ~80-130 ms for 32 images x 5 samples on a shared 2-core CPU, as long as a
+training step. Here a batch of that size takes ~2 ms (benchmarks/bench_cider.py).
+
+How: words and n-grams are integers. An n-gram's code is (id of its first n-1 words) << 32 | (id of its last
+word), and its id is the code's index in the corpus's sorted table of that order (n-grams absent from the
+corpus get ids past the table's end), so n-grams are told apart exactly, whatever the vocabulary's size. Each
+image's references are turned into tf-idf entries once and cached (~4 KB an image); a call then handles the
+candidates' n-grams only: a few numpy operations per n-gram order, and one sorted join against the references
+of their images. The tables of the Flickr30k train split take ~17 MB.
 
 The arithmetic is pycocoevalcap's, quirks included (see `CiderD`).
 """
@@ -29,7 +32,7 @@ import numpy as np
 
 N = 4  # n-grams of 1..4 words (pycocoevalcap's `n` argument does not work: it always counts 1..4-grams)
 SIGMA = 6.0  # the length penalty's standard deviation, in words
-CACHE_IMAGES = 50_000  # reference lists kept ready (~5 KB each): a Flickr30k or half a COCO train split
+CACHE_IMAGES = 40_000  # reference lists kept ready (~4 KB each for 5 Flickr30k captions): a Flickr30k train split
 _SHIFT = 32  # an n-gram's code: (id of its first n-1 words) << 32 | (id of its last word)
 
 
@@ -94,7 +97,9 @@ class CiderD:
         self.size = 0  # images (documents) of the corpus
         self.ref_len = 0.0  # log(size)
         self.tables = [np.zeros(0, np.int64) for _ in range(n)]  # per order: the corpus's n-gram codes, sorted
-        self._idf = [np.zeros(1) for _ in range(n)]  # per order, by id; the last entry for ids past the table
+        # per order, by id: the document frequency (uint16 up to 65,535 images: 2 bytes an n-gram), and 0 past
+        # the end for the ids of n-grams outside the corpus
+        self._df = [np.zeros(1, np.uint16) for _ in range(n)]
         # per order: codes and ids of reference n-grams outside the corpus (references of other images)
         self._extra = [(np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in range(n)]
         self._words = words
@@ -130,7 +135,7 @@ class CiderD:
         keys = documents[_first_of_runs(documents)] % span  # each n-gram once per image
         for k in range(n):
             df = np.bincount(keys[keys % n == k] // n, minlength=len(scorer.tables[k]))
-            scorer._idf[k] = np.append(scorer.ref_len - np.log(np.maximum(1.0, df)), scorer.ref_len)
+            scorer._df[k] = np.append(df, 0).astype(np.uint16 if scorer.size < 2**16 else np.uint32)
         return scorer
 
     # -- captions to word ids, n-grams to ids -------------------------------------------------------------
@@ -186,7 +191,8 @@ class CiderD:
             both = np.concatenate([extra_codes, codes[new]])
             order = np.argsort(both, kind="stable")
             self._extra[k] = (both[order], np.concatenate([extra_ids, ids[new]])[order])
-        return ids, self._idf[k][np.minimum(ids, len(table))]  # past the table: df 0 in the corpus
+        df = self._df[k][np.minimum(ids, len(table))]  # past the table: df 0 in the corpus
+        return ids, self.ref_len - np.log(np.maximum(df, 1), dtype=np.float64)
 
     def _vectors(
         self, ids: np.ndarray, lengths: np.ndarray, persist: bool
@@ -242,10 +248,12 @@ class CiderD:
             bounds = np.searchsorted(image, np.arange(len(missing) + 1))
             if len(self._blocks) + len(missing) > CACHE_IMAGES:
                 self._blocks.clear()
+            key = key.astype(np.int32) if key.max(initial=0) < 2**31 else key  # smaller blocks: more in the cache
+            slot = slot.astype(np.int16) if counts.max() < 2**15 else slot
             for u, refs in enumerate(missing):
                 a, b, r = bounds[u], bounds[u + 1], ref_start[u]
                 ready[refs] = self._blocks[refs] = _Block(
-                    key[a:b], vec[a:b], slot[a:b].astype(np.int32), norms[r : r + counts[u]], lengths[r : r + counts[u]]
+                    key[a:b], vec[a:b], slot[a:b], norms[r : r + counts[u]], lengths[r : r + counts[u]]
                 )
         return [ready[key] for key in keys]
 
