@@ -183,7 +183,8 @@ def _java_failed(required: bool | None, what: str, error: JavaError, consequence
 
 
 def cider_d(candidates: list[str], references: list[list[str]]) -> float:
-    """CIDEr-D alone with the Python tokenisation: fit's fast validation score."""
+    """CIDEr-D alone with the Python tokenisation, by pycocoevalcap: the oracle that fit's validation score,
+    `pipeline.cider.corpus_score`, is tested against."""
     from pycocoevalcap.cider.cider import Cider
 
     gts = {i: [simple_tokenize(r) for r in refs] for i, refs in enumerate(references)}

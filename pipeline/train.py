@@ -449,7 +449,7 @@ def validate(
     """val_loss and val_perplexity, val_cider_d (greedy captions of the decoded images, when there are
     any), and `sample`: the caption of the sample image. Under torchrun the ranks share the work (losses
     summed, captions gathered in order) and every rank returns rank 0's record."""
-    from pipeline.metrics import cider_d  # pycocoevalcap: imported when first needed
+    from pipeline.cider import corpus_score as cider_d  # = metrics.cider_d, 6x faster
 
     dist = dist or Dist()
     model.eval()
