@@ -486,6 +486,20 @@ def test_generate_attention_replaces_only_its_own_figures(trained, photos, tmp_p
         assert ".png" in _error_line(result)
 
 
+def test_generate_never_takes_fits_curves_for_its_own_figure(trained, photos, tmp_path, cli, make_images):
+    """fit's curves.png and generate's figures used to carry one PNG mark, so `--attention RUN/curves.png`, or
+    `--attention RUN` with an image named curves.jpg, replaced the curves with exit 0."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained / "curves.png", run / "curves.png")
+    before = (run / "curves.png").read_bytes()
+    (curves_photo,) = make_images(tmp_path / "mine", ["curves.jpg"])
+    for image, target in ((photos[0], run / "curves.png"), (curves_photo, run)):
+        result = cli(*_generate(trained, "--image", image, "--attention", target), code=1)
+        assert "curves.png exists and is not an attention figure that generate wrote" in _error_line(result)
+        assert (run / "curves.png").read_bytes() == before
+
+
 def test_generate_attention_into_a_folder_and_again(trained, photos, tmp_path, cli):
     """`--attention DIR/` (a path ending in /) or `--attention DIR` (an existing folder): one figure per image
     inside it. A rerun replaces generate's own figures."""
@@ -500,11 +514,14 @@ def test_generate_attention_that_cannot_be_written(trained, photos, tmp_path, cl
     afile.write_text("mine")
     result = cli(*_generate(trained, "--image", photos[0], "--attention", afile / "att.png"), code=1)
     assert "--attention" in _error_line(result)
+    # no bytecode written under the limit: run before any other subprocess had filled the session's bytecode
+    # cache, the command wrote .pyc files under it and ended in "Aborted." before captioning
+    env = {**subprocess_env, "PYTHONDONTWRITEBYTECODE": "1"}
     proc = _popen([str(a) for a in _generate(trained, "--image", photos[0], "--attention", tmp_path / "att.png")],
-                  subprocess_env, preexec_fn=_limit_file_size(20_000))  # fmt: skip
+                  env, preexec_fn=_limit_file_size(20_000))  # fmt: skip
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
-    assert out.startswith(f"{photos[0]}:")  # the caption (this 1-epoch model's may be empty)
+    assert out.startswith(f"{photos[0]}:"), err  # the caption (this 1-epoch model's may be empty)
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and lines[-1].startswith("error: cannot write"), err
     assert _temps(tmp_path) == [] and not (tmp_path / "att.png").exists()
