@@ -191,8 +191,15 @@ def extract(
     _call(run, interrupted=lambda: "interrupted: rerun the same command to resume")
 
 
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option `name` (on the command line, or in the environment), not its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 @app.command()
 def fit(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Option(help="Feature store made by extract.")] = Path(T.store),
     epochs: Annotated[int, typer.Option(min=1, help="Epochs in total (with --resume, those done count).")] = T.epochs,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
@@ -249,6 +256,8 @@ def fit(
     Writes OUT/model.pt (best by validation CIDEr-D), OUT/last.pt (for --resume), OUT/metrics.jsonl and
     OUT/curves.png.
     """
+    # which options were typed: with --resume, last.pt decides most of them, and a typed one must agree with it
+    typed = tuple(sorted(k for k in ctx.params if _typed(ctx, k)))
     cfg = T(
         store=str(store),
         out=str(out),
@@ -276,6 +285,7 @@ def fit(
         finetune_after=finetune_after,
         embeddings=embeddings,
         freeze_embeddings=freeze_embeddings,
+        typed=typed,
     )
     _call(_pipeline("train", "fit"), cfg, interrupted=_fit_interrupted(out))
 

@@ -77,13 +77,19 @@ def test_fit_passes_every_option(calls):
         min_word_count=2, captions_per_image=4, grad_clip=1.5, lr_step=10, lr_gamma=0.5, decoder="tiny",
         init_from_features=True, dropout=0.2, gate=True, attention_penalty=1.0, val_decode_images=50, amp=True,
         compile=True, finetune="layer4", encoder_lr=0.0005, finetune_after=2,
+        typed=("amp", "attention_penalty", "batch_size", "captions_per_image", "compile", "decoder", "device",
+               "dropout", "encoder_lr", "epochs", "finetune", "finetune_after", "gate", "grad_clip",
+               "init_from_features", "lr", "lr_gamma", "lr_step", "min_word_count", "out", "resume", "seed",
+               "store", "val_decode_images"),
     )  # fmt: skip
     assert calls == [("fit", expected)]
     _invoke("fit", "--no-amp")
-    assert calls[-1] == ("fit", TrainConfig(amp=False))
+    assert calls[-1] == ("fit", TrainConfig(amp=False, typed=("amp",)))
+    _invoke("fit", "--lr", "0.001")  # typed, though it is the default: with --resume it must agree with last.pt
+    assert calls[-1] == ("fit", TrainConfig(typed=("lr",)))
     assert TrainConfig().finetune is None and TrainConfig().encoder_lr == 1e-4 and TrainConfig().finetune_after == 0
     result = CliRunner().invoke(app, ["fit", "--finetune", "layer3"])  # only layer4 is fine-tuned
-    assert result.exit_code == 2 and len(calls) == 2
+    assert result.exit_code == 2 and len(calls) == 3
 
 
 def test_evaluate_config_and_printed_table(calls):

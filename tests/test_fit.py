@@ -440,6 +440,20 @@ def test_resume_on_an_identical_store_copy_is_accepted(store20, trained_copy, tm
     assert _load(trained_copy / "last.pt")["epoch"] == 2
 
 
+def test_resume_refuses_typed_options_that_last_pt_decides(store20, trained_copy, cli):
+    """`--resume --decoder report --lr 5` on a tiny run at --lr 0.01 used to continue the tiny run at 0.01 without
+    a word: each typed option that last.pt decides is named with last.pt's value, and nothing is written."""
+    before = _snapshot(trained_copy)
+    args = ["fit", "--store", store20.path, "--out", trained_copy, "--epochs", "2", "--resume", "--device", "cpu"]
+    line = _error_line(cli(*args, "--decoder", "report", "--lr", "5", "--gate", code=1))
+    assert "--decoder report (last.pt: tiny)" in line and "--lr 5.0 (last.pt: 0.01)" in line
+    assert "--gate (last.pt: --no-gate)" in line and "--epochs" not in line and "--device" not in line
+    assert _snapshot(trained_copy) == before
+    # the same values as last.pt's are accepted, and the schedule options (--epochs, --device) are honoured
+    cli(*args, "--decoder", "tiny", "--lr", "0.01", "--no-gate")
+    assert _load(trained_copy / "last.pt")["epoch"] == 2
+
+
 def test_usage_error_exits_2(store20, tmp_path, cli):
     result = cli(*_fit_args(store20.path, tmp_path / "out", "--epochs", "0"), code=2)
     assert "error:" not in result.stdout
