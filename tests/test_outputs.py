@@ -111,6 +111,17 @@ def test_simple_tokenizer_drops_ptb_punctuation():
     assert metrics.simple_tokenize("A dog, running... Fast!") == "a dog running fast"
 
 
+def test_scores_compare_captions_in_nfc(monkeypatch):
+    """A reference stored in NFD (`cafe` + U+0301) is the same word as the model's NFC `café`."""
+    import unicodedata
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    refs = [[unicodedata.normalize("NFD", "un café à côté de la gare")]]
+    ours = metrics.score(["un café à côté de la gare"], refs)
+    assert ours["BLEU-4"] == pytest.approx(1.0)
+    assert metrics.simple_tokenize(refs[0][0]) == "un café à côté de la gare"
+
+
 def test_identical_captions_score_higher_than_unrelated(monkeypatch):
     monkeypatch.setattr(metrics, "java_available", lambda: False)
     refs = [["a dog runs on the grass", "a dog running on grass"], ["a red car on a street", "a red car"]]
