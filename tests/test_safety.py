@@ -397,6 +397,37 @@ def test_evaluate_and_generate_refuse_a_hostile_model(store, trained, tmp_path, 
     _error_line(cli("generate", "--image", photos[0], "--model", model, "--device", "cpu", code=1))
 
 
+def _foreign_files(tmp_path: Path, store: Path) -> dict[str, tuple[Path, str]]:
+    """Files a user may give where a checkpoint or weights file is expected, and what the error line calls them."""
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, a text file\n")
+    module = tmp_path / "whole_model.pt"
+    torch.save(torch.nn.Linear(2, 2), module)  # a pickled module, not a state_dict: loading it would run code
+    pickled = tmp_path / "data.pkl"
+    pickled.write_bytes(pickle.dumps({"format": 1, "code": Path("x")}))
+    return {"HDF5": (store, "an HDF5 file"), "text": (text, "a text file"), "module": (module, "Python objects"),
+            "pickle": (pickled, "Python objects")}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["HDF5", "text", "module", "pickle"])
+def test_a_file_that_is_not_a_checkpoint_or_weights_says_what_it_is(store, trained, tmp_path, photos, flickr8k_dir,
+                                                                    cli, kind):  # fmt: skip
+    """An HDF5 file as --model (generate, serve) printed torch's advice to re-run with `weights_only=False`, which
+    can run arbitrary code; a text file as --model or --weights printed `KeyError: 101`."""
+    path, called = _foreign_files(tmp_path, store)[kind]
+    runs = {
+        "generate": (("generate", "--image", photos[0], "--model", path, "--device", "cpu"), "a checkpoint"),
+        "serve": (("serve", "--model", path, "--port", "0", "--device", "cpu"), "a checkpoint"),
+        "extract": (("extract", "--images", flickr8k_dir, "--store", tmp_path / "s.h5", "--weights", path),
+                    "a ResNet50 state_dict"),
+    }  # fmt: skip
+    for args, expected in runs.values():
+        line = _error_line(cli(*args, code=1))
+        assert str(path) in line and called in line and expected in line, line
+        for advice in ("weights_only", "arbitrary code", "KeyError", "UnpicklingError", "Re-running"):
+            assert advice not in line, line
+
+
 # -- evaluate ----------------------------------------------------------------------------------------------------
 
 
