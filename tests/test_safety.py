@@ -130,7 +130,7 @@ def test_demo_refuses_folders_it_did_not_make(tmp_path, cli, monkeypatch):
 
 def test_demo_folder_is_cleared_of_its_own_files_only(tmp_path, make_images):
     out = tmp_path / "demo"
-    with claim_folder(out):  # a new folder: made and marked
+    with claim_folder(out, ["images/shape_00000.jpg"]):  # a new folder: made, marked, and what it draws recorded
         pass
     assert (out / MARKER).is_file()
     make_images(out / "images", ["shape_00000.jpg", "holiday.jpg"])
@@ -141,6 +141,31 @@ def test_demo_folder_is_cleared_of_its_own_files_only(tmp_path, make_images):
         assert sorted(p.name for p in out.iterdir()) == [".captioner-demo", ".lock", "images", "notes.txt"]
         assert [p.name for p in (out / "images").iterdir()] == ["holiday.jpg"]
     assert (out / "notes.txt").read_text() == "mine" and not (out / ".lock").exists()
+
+
+def test_a_demo_rerun_deletes_only_the_images_it_recorded(tmp_path, make_images, monkeypatch):
+    """A rerun deleted every file named like the demo's images: a user's images/shape_99999.jpg in a 20-image
+    demo folder. Now it deletes what the earlier demo recorded drawing, and refuses to draw over a user's file."""
+    import pipeline.demo
+    from pipeline.config import DemoConfig
+
+    def draw_only(cfg: DemoConfig) -> dict:  # the demo's stages after the drawing are not what is tested here
+        pipeline.demo.make_dataset(cfg.out, cfg.images, size=32)
+        return {}
+
+    monkeypatch.setattr(pipeline.demo, "_run", draw_only)
+    out = tmp_path / "demo"
+    pipeline.demo.demo(DemoConfig(out=out, images=20))
+    (mine,) = make_images(out / "images", ["shape_99999.jpg"])
+    before = mine.read_bytes()
+    (out / "images" / "shape_00019.jpg").unlink()  # drawn again by the rerun all the same
+    pipeline.demo.demo(DemoConfig(out=out, images=20))
+    assert mine.read_bytes() == before
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"shape_{i:05d}.jpg" for i in (*range(20), 99999)]
+    (theirs,) = make_images(out / "images", ["shape_00020.jpg"])  # a 21-image demo would draw over it
+    with pytest.raises(UserError, match="images/shape_00020.jpg"):
+        pipeline.demo.demo(DemoConfig(out=out, images=21))
+    assert theirs.is_file() and mine.is_file()
 
 
 def test_a_second_demo_on_one_folder_is_refused(tmp_path, cli):
