@@ -231,7 +231,8 @@ def test_generate_real_photo_with_attention_figure(trained, tmp_path):
         ]
     )
     assert result.exit_code == 0, result.output
-    caption = result.stdout.strip().splitlines()[-1].split(": ", 1)[1]
+    caption, figure = result.stdout.strip().splitlines()[-1].split(": ", 1)[1].rsplit("  (attention figure: ", 1)
+    assert figure == f"{fig})"
     words = caption.replace(".", " .").replace(",", " ,").split()
     panels = 1 + len(words)
     cols, rows = min(panels, 5), math.ceil(panels / 5)

@@ -564,6 +564,24 @@ def test_generate_attention_into_a_folder_and_again(trained, photos, tmp_path, c
         assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["a.png", "b.png"]
 
 
+def test_generate_says_which_figure_is_whose_and_never_writes_one_twice(trained, tmp_path, cli, make_images):
+    """`--attention DIR` with a.jpg, a.png and a_1.jpg wrote a.png, a_1.png and a_1_2.png without saying which
+    was whose; and with a.jpg, a_2.jpg, a.png (in that order) a_2.jpg's and a.png's figures were one file."""
+    photos = make_images(tmp_path / "photos", ["a.jpg", "a_2.jpg", "a.png", "a_1.jpg"])
+    figs = tmp_path / "figs"
+    args = [a for p in photos for a in ("--image", p)]
+    for extra in ((), ("--json",)):
+        result = cli(*_generate(trained, *args, "--attention", f"{figs}{os.sep}", *extra))
+        lines = result.stdout.splitlines()
+        if extra:
+            shown = [(json.loads(line)["image"], json.loads(line)["attention"]) for line in lines]
+        else:
+            shown = [(line.split(": ", 1)[0], line.rsplit("(attention figure: ", 1)[1].rstrip(")")) for line in lines]
+        assert [image for image, _ in shown] == [str(p) for p in photos]
+        assert len({figure for _, figure in shown}) == 4 and all(Path(f).parent == figs for _, f in shown)
+        assert sorted(p.name for p in figs.iterdir()) == sorted(Path(f).name for _, f in shown)
+
+
 def test_generate_attention_that_cannot_be_written(trained, photos, tmp_path, cli, subprocess_env):
     """Up front when its folder cannot be made; on a full disk, the caption is printed, then the error."""
     afile = tmp_path / "file"
