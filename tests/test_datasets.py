@@ -422,7 +422,7 @@ def test_symlinked_images_inside_the_images_folder_are_followed(tmp_path):
             (root / n).symlink_to(real / n)
         (root / "more").symlink_to(real, target_is_directory=True)
     except (OSError, NotImplementedError):
-        pytest.skip("symlinks not supported here")
+        pytest.skip("this file system does not support symlinks")
     (root / "Flickr8k.token.txt").write_text(token_lines([("a.jpg", 0, "A"), ("b.jpg", 0, "B")]))
     cs = read_captions(root)
     assert cs.images == ["a.jpg", "b.jpg"]

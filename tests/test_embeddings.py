@@ -3,7 +3,7 @@ train captions, and files that are not what they claim (each one clear UserError
 
 The vectors files are written here byte by byte as the word2vec C tool and GloVe write them, not with gensim's
 writer, so that the loader is tested against the formats rather than against itself. Tests that need gensim
-skip without it (it is an optional extra: `uv sync --extra word2vec`).
+skip without it (it comes with the dev group, so `uv run pytest` has it; for users it is an optional extra).
 """
 
 from __future__ import annotations

@@ -87,7 +87,10 @@ def _reference_scores(use_ptb: bool) -> dict:
     return out
 
 
-@pytest.mark.skipif(not metrics.java_available(), reason="Java is not installed")
+@pytest.mark.skipif(
+    not metrics.java_available(),
+    reason="no working Java: METEOR and the PTB tokenizer run on it (Debian: apt-get install default-jre-headless)",
+)
 def test_scores_equal_pycocoevalcap_with_java():
     ours = metrics.score(CANDIDATES, REFERENCES)
     assert ours["tokenizer"] == "ptb"
@@ -211,7 +214,9 @@ def test_generate_folder_json_lines(trained, tmp_path):
     assert all(set(d) == {"image", "caption"} and d["caption"] and "<" not in d["caption"] for d in lines)
 
 
-@pytest.mark.skipif(not PHOTOS.is_dir(), reason="../shared/data/photos is absent")
+@pytest.mark.skipif(
+    not PHOTOS.is_dir(), reason="needs the real photos of ../shared/data/photos, not next to this checkout"
+)
 def test_generate_real_photo_with_attention_figure(trained, tmp_path):
     photo = sorted(PHOTOS.glob("*.jpg"))[0]
     fig = tmp_path / "att.png"
