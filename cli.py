@@ -8,6 +8,7 @@ Run `uv run cli.py --help`, or `uv run cli.py COMMAND --help` for one command.
 from __future__ import annotations
 
 import importlib
+import re
 import shlex
 import signal
 import sys
@@ -84,9 +85,21 @@ def _call(fn: Callable, *args, interrupted: Callable[[], str] = lambda: "interru
         if type(e).__name__ != "OutOfMemoryError":  # torch's, on the GPU
             _restore_sigint(previous)
             raise
-        _fail(f"out of GPU memory ({describe(e)}): try a smaller --batch-size", previous)
+        _fail(f"out of GPU memory{_oom_detail(e)}: try a smaller --batch-size", previous)
     _restore_sigint(previous)
     return result
+
+
+def _oom_detail(e: BaseException) -> str:
+    """What torch's out-of-memory message says in figures, without the rest of it: one long line that ends in
+    advice for programmers (PYTORCH_CUDA_ALLOC_CONF, its documentation)."""
+    size = r"([\d.]+ [KMGTP]?i?B)"
+    asked = re.search(rf"Tried to allocate {size}", str(e))
+    total = re.search(rf"total capacity of {size}", str(e))
+    parts = ([f"tried to allocate {asked.group(1)}"] if asked else []) + (
+        [f"the GPU holds {total.group(1)}"] if total else []
+    )
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _fail(message: str, previous_sigint=None) -> NoReturn:

@@ -125,6 +125,7 @@ def exclusive(path: str | Path, what: str | None = None) -> Iterator[None]:
         yield
         return
     lock = lock_path(path)
+    _refuse_foreign_lock(lock)
     key = (os.getpid(), str(lock.resolve()))
     if key in _held:
         _held[key] += 1
@@ -167,6 +168,24 @@ def exclusive(path: str | Path, what: str | None = None) -> Iterator[None]:
         with contextlib.suppress(OSError):
             lock.unlink()  # while still locked: whoever opens it next creates a fresh one
         os.close(fd)
+
+
+def _refuse_foreign_lock(lock: Path) -> None:
+    """A lock file of ours holds a pid (or nothing, when its writer was killed at once). Anything else at that
+    name (another tool's `.lock` in a user's folder, a link, a folder) is not ours to truncate and delete."""
+    try:
+        if lock.is_symlink() or not lock.is_file():
+            content = b"" if not (lock.exists() or lock.is_symlink()) else b"not a file"
+        else:
+            with open(lock, "rb") as f:
+                content = f.read(64).strip()
+    except OSError:
+        return  # unreadable: os.open below says why
+    if content and not content.isdigit():
+        raise UserError(
+            f"{lock} exists and is not a lock file of captioner (it holds something else): it is left as it is; "
+            "move it, or choose another folder"
+        )
 
 
 def check_writable_folder(folder: str | Path, what: str) -> Path:

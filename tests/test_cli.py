@@ -92,6 +92,30 @@ def test_fit_passes_every_option(calls):
     assert result.exit_code == 2 and len(calls) == 3
 
 
+def test_out_of_gpu_memory_is_one_line_without_torchs_advice(monkeypatch):
+    """torch's message is one long line that ends in advice for programmers (PYTORCH_CUDA_ALLOC_CONF=...)."""
+    import torch
+
+    import pipeline.train
+
+    message = (
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.02 GiB "
+        "is free. Of the allocated memory 76.1 GiB is allocated by PyTorch. If reserved but unallocated memory is "
+        "large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See "
+        "documentation for Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)"
+    )
+
+    def fit(cfg):
+        raise torch.cuda.OutOfMemoryError(message)
+
+    monkeypatch.setattr(pipeline.train, "fit", fit)
+    result = CliRunner().invoke(app, ["fit"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "error: out of GPU memory (tried to allocate 2.00 GiB; the GPU holds 79.19 GiB): try a smaller --batch-size"
+    ]
+
+
 def test_evaluate_config_and_printed_table(calls):
     result = _invoke("evaluate")
     assert calls == [("evaluate", EvaluateConfig())]
