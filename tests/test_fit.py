@@ -351,7 +351,8 @@ def test_sigkill_at_random_moments_then_rerun_ends_like_an_uninterrupted_run(
             _, err = proc.communicate(timeout=30)
         assert proc.returncode in (-signal.SIGKILL, 0), err.decode()
         _files_open(out)
-    cli(*_fit_args(store20.path, out, "--epochs", epochs, *(("--resume",) if (out / "last.pt").exists() else ())))
+    resume = ("--resume",) if (out / "last.pt").exists() else ()
+    cli(*_fit_args(store20.path, out, "--epochs", epochs, *RESUMED_ARGS, *resume, val_decode=2))  # the same command
     _assert_same_run(uninterrupted, out)
     assert not list(out.glob(".*.tmp-*"))
 

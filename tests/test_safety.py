@@ -71,9 +71,10 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(store, tmp_path_factory) -> Path:
-    """OUT of a 1-epoch tiny fit: model.pt, last.pt, metrics.jsonl, curves.png."""
+    """OUT of a 1-epoch tiny fit (the settings of FIT, so that `_fit(..., "--resume")` continues it): model.pt,
+    last.pt, metrics.jsonl, curves.png."""
     out = tmp_path_factory.mktemp("trained") / "out"
-    fit(TrainConfig(store=str(store), out=str(out), epochs=1, batch_size=7, device="cpu", min_word_count=1,
+    fit(TrainConfig(store=str(store), out=str(out), epochs=1, batch_size=7, lr=0.01, device="cpu", min_word_count=1,
                     val_decode_images=0, decoder="tiny"))  # fmt: skip
     return out
 
