@@ -142,7 +142,7 @@ def load(path: str | Path, resume: bool = False) -> dict:
         raise UserError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise UserError(f"{path} is not a checkpoint file")
-    ckpt = read_torch(path, "a checkpoint written by fit")
+    ckpt = read_torch(path, "checkpoint", "a checkpoint written by fit")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint written by fit")
     _check_types(ckpt, MODEL_KEYS, path, "a checkpoint written by fit")

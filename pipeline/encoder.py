@@ -102,16 +102,16 @@ def load_weights(spec: str) -> tuple[dict | None, WeightsInfo]:
             finally:
                 socket.setdefaulttimeout(old)
         try:
-            state = read_torch(cached, f"the {spec} weights")
+            state = read_torch(cached, f"the cached {spec} weights", "a torchvision weights file")
         except UserError as e:  # a damaged cache file
-            raise UserError(f"cannot load the cached {spec} weights: {e}; delete it to download it again") from None
+            raise UserError(f"{e}; delete that file to download it again") from None
         return state, WeightsInfo(spec, _sha256(cached), str(cached))
     path = Path(spec)
     if not path.is_file():
         raise UserError(
             f"--weights {spec!r} is neither {', '.join(NAMED_WEIGHTS)}, 'none', nor an existing state_dict file"
         )
-    state = read_torch(path, "a ResNet50 state_dict file (--weights FILE)")
+    state = read_torch(path, "weights file", "a ResNet50 state_dict file (--weights FILE)")
     if not isinstance(state, dict):
         raise UserError(f"weights file {path} does not hold a state_dict")
     return _trunk_state(state), WeightsInfo("file", _sha256(path), str(path.resolve()))

@@ -243,10 +243,11 @@ def what_file(path: Path) -> str:
     return "a file of another kind"
 
 
-def read_torch(path: Path, expected: str) -> object:
+def read_torch(path: Path, what: str, expected: str) -> object:
     """`torch.load(path, weights_only=True)` on CPU (nothing in the file is ever run). A file it cannot load is a
-    UserError saying what the file is and that it is not `expected` ("a checkpoint written by fit"): never
-    torch's message, which tells programmers to retry with `weights_only=False` (that runs the file's code)."""
+    UserError `cannot load WHAT PATH: it is ..., not EXPECTED` ("checkpoint", "a checkpoint written by fit"),
+    saying what the file is: never torch's message, which tells programmers to retry with
+    `weights_only=False` (that runs the file's code)."""
     import torch
 
     try:
@@ -261,4 +262,4 @@ def read_torch(path: Path, expected: str) -> object:
                 why = ": such objects are never loaded, since loading them could run code"
             else:
                 kind = f"{kind} that is damaged, truncated or not a PyTorch file"
-        raise UserError(f"{path} is {kind}, not {expected}{why}") from None
+        raise UserError(f"cannot load {what} {path}: it is {kind}, not {expected}{why}") from None
