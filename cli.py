@@ -8,6 +8,7 @@ Run `uv run cli.py --help`, or `uv run cli.py COMMAND --help` for one command.
 from __future__ import annotations
 
 import importlib
+import re
 import shlex
 import signal
 import sys
@@ -84,9 +85,21 @@ def _call(fn: Callable, *args, interrupted: Callable[[], str] = lambda: "interru
         if type(e).__name__ != "OutOfMemoryError":  # torch's, on the GPU
             _restore_sigint(previous)
             raise
-        _fail(f"out of GPU memory ({describe(e)}): try a smaller --batch-size", previous)
+        _fail(f"out of GPU memory{_oom_detail(e)}: try a smaller --batch-size", previous)
     _restore_sigint(previous)
     return result
+
+
+def _oom_detail(e: BaseException) -> str:
+    """What torch's out-of-memory message says in figures, without the rest of it: one long line that ends in
+    advice for programmers (PYTORCH_CUDA_ALLOC_CONF, its documentation)."""
+    size = r"([\d.]+ [KMGTP]?i?B)"
+    asked = re.search(rf"Tried to allocate {size}", str(e))
+    total = re.search(rf"total capacity of {size}", str(e))
+    parts = ([f"tried to allocate {asked.group(1)}"] if asked else []) + (
+        [f"the GPU holds {total.group(1)}"] if total else []
+    )
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _fail(message: str, previous_sigint=None) -> NoReturn:
@@ -191,8 +204,15 @@ def extract(
     _call(run, interrupted=lambda: "interrupted: rerun the same command to resume")
 
 
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option `name` (on the command line, or in the environment), not its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 @app.command()
 def fit(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Option(help="Feature store made by extract.")] = Path(T.store),
     epochs: Annotated[int, typer.Option(min=1, help="Epochs in total (with --resume, those done count).")] = T.epochs,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
@@ -249,6 +269,8 @@ def fit(
     Writes OUT/model.pt (best by validation CIDEr-D), OUT/last.pt (for --resume), OUT/metrics.jsonl and
     OUT/curves.png.
     """
+    # which options were typed: with --resume, last.pt decides most of them, and a typed one must agree with it
+    typed = tuple(sorted(k for k in ctx.params if _typed(ctx, k)))
     cfg = T(
         store=str(store),
         out=str(out),
@@ -276,6 +298,7 @@ def fit(
         finetune_after=finetune_after,
         embeddings=embeddings,
         freeze_embeddings=freeze_embeddings,
+        typed=typed,
     )
     _call(_pipeline("train", "fit"), cfg, interrupted=_fit_interrupted(out))
 

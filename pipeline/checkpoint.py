@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline.encoder import build_recorded, layer4_head, split_resnet50
 from pipeline.errors import UserError, describe
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, read_torch
 from pipeline.model import CaptionModel, Decoder, DecoderConfig
 from pipeline.store import FeatureStore, encoder_diffs
 from pipeline.vocab import Vocabulary
@@ -142,10 +142,7 @@ def load(path: str | Path, resume: bool = False) -> dict:
         raise UserError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise UserError(f"{path} is not a checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip, pickle, EOF and weights_only errors all mean "not a checkpoint of ours"
-        raise UserError(f"cannot read checkpoint {path}: {describe(e)}") from None
+    ckpt = read_torch(path, "checkpoint", "a checkpoint written by fit")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint written by fit")
     _check_types(ckpt, MODEL_KEYS, path, "a checkpoint written by fit")

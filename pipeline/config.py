@@ -72,9 +72,13 @@ class TrainConfig:
     embeddings: str = "random"
     freeze_embeddings: bool = False
     word2vec: Word2VecConfig = field(default_factory=Word2VecConfig)  # used with embeddings="word2vec"
+    # the options the user typed (cli.py fills it; a script leaves it empty). With resume, each one that last.pt
+    # decides must equal last.pt's value, or fit stops: a typed option is never silently overridden
+    typed: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """What checkpoints store as `train_config`: the settings (not `typed`, which belongs to one command)."""
+        return {k: v for k, v in asdict(self).items() if k != "typed"}
 
 
 @dataclass

@@ -116,7 +116,10 @@ def print_scores(result: dict) -> None:
 
 
 def caption_line(item: dict, as_json: bool = False) -> str:
-    """One of generate's captions as printed: `PATH: caption`, or the JSON object of `--json`."""
+    """One of generate's captions as printed: `PATH: caption`, or the JSON object of `--json`; with its
+    attention figure, `PATH: caption  (attention figure: FIGURE)`, or the object's "attention"."""
+    figure = item.get("attention")
     if as_json:
-        return json.dumps({"image": item["image"], "caption": item["caption"]})
-    return f"{item['image']}: {item['caption']}"
+        shown = {"image": item["image"], "caption": item["caption"]}
+        return json.dumps(shown | {"attention": figure} if figure else shown)
+    return f"{item['image']}: {item['caption']}" + (f"  (attention figure: {figure})" if figure else "")

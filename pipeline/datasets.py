@@ -3,7 +3,11 @@
 `find_captions(images_dir)` picks the captions file; `read_captions(images_dir, path)` returns a
 `CaptionSet`: every image name (relative to the images folder), its captions and its split, plus
 counts of what was repaired or skipped. Real files have defects; these readers repair what is
-unambiguous (a missing separator, a `.jpg.1` name), skip the rest, and count both.
+unambiguous (a missing separator, a `.jpg.1` name that is not on disk), skip the rest, and count both.
+
+Captions and file names are compared in Unicode NFC: a name listed as `résumé.jpg` (NFC) finds the file stored
+as `re\u0301sume\u0301.jpg` (NFD, as macOS writes names), and the image keeps the name it has on disk, so that
+it opens. Captions are kept in NFC.
 
 Every text file (captions, split files) is read as UTF-8 with or without a byte-order mark (`utf-8-sig`):
 editors on Windows write one, and it must not hide the first row. Whatever bytes a captions file holds,
@@ -19,6 +23,7 @@ import io
 import json
 import os
 import re
+import unicodedata
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -87,7 +92,7 @@ def detect_layout(path: Path) -> str:
         head = f.readline(HEAD_CHARS)
     if "|" in head and "image_name" in head:
         return "kaggle-flickr30k"
-    if re.match(r"^\S+#\d+\t", head):
+    if re.match(r"^[^\t]+#\d+ *\t", head):
         return "flickr8k-token"
     if head.lower().startswith("image,"):
         return "kaggle-flickr8k"
@@ -115,8 +120,6 @@ def read_captions(images_dir: Path, captions: Path | None = None) -> CaptionSet:
         entries = READERS[layout](path, problems)
     except READ_ERRORS as e:
         raise UserError(f"cannot read captions file {path}: {_why(e)}") from None
-    if layout in ("flickr8k-token", "kaggle-flickr8k"):
-        entries = _with_split_files(entries, path.parent, problems)
     if not entries:
         raise UserError(f"no usable captions in {path} (read as {layout})")
     try:
@@ -157,9 +160,13 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")  # from JSON escapes like "\ud800": 
 
 
 def _clean(text: str) -> str:
-    """One caption on one line: control characters become spaces, runs of white space one space, and
+    """One caption on one line, in NFC: control characters become spaces, runs of white space one space, and
     lone surrogates U+FFFD (the store holds UTF-8)."""
-    return " ".join(_SURROGATE.sub("\ufffd", _CONTROL.sub(" ", text)).split())
+    return _nfc(" ".join(_SURROGATE.sub("\ufffd", _CONTROL.sub(" ", text)).split()))
+
+
+def _nfc(text: str) -> str:
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
 
 
 def read_karpathy(path: Path, problems: Counter) -> dict[str, _Entry]:
@@ -211,17 +218,20 @@ def _karpathy_sentence(sentence: object) -> str:
     return ""
 
 
-_TOKEN_ROW = re.compile(r"^(?P<name>[^#\t]+)#(?P<k>\d+)\s+(?P<text>.*)$")
+_TOKEN_ROW = re.compile(r"^(?P<name>[^#\t]+)#(?P<k>\d+)\s+(?P<text>.*)$")  # without a tab: `name.jpg#k caption`
 _STRAY_SUFFIX = re.compile(r"^(?P<base>.+\.(?:jpe?g|png))\.\d+$", re.IGNORECASE)
+REPAIRED_NAMES = "repaired image names (x.jpg.N -> x.jpg)"
 
 
-def _repair_name(name: str, problems: Counter) -> str:
-    """`x.jpg.1` (a stray Flickr8k entry) names `x.jpg`: unambiguous, so repaired and counted."""
-    m = _STRAY_SUFFIX.match(name)
-    if m:
-        problems["repaired image names (x.jpg.N -> x.jpg)"] += 1
-        return m.group("base")
-    return name
+def _token_row(line: str) -> tuple[str, str] | None:
+    """(name, caption) of a `name#k<TAB>caption` line, or None. The name ends at the last `#` before the tab:
+    it may hold `#` itself (`a#b.jpg#0`)."""
+    head, tab, text = line.partition("\t")
+    if tab:
+        name, hash_, k = head.rstrip(" ").rpartition("#")
+        return (name.strip(), text) if hash_ and k.isdigit() and name.strip() else None
+    m = _TOKEN_ROW.match(line)
+    return (m.group("name").strip(), m.group("text")) if m else None
 
 
 def read_flickr8k_token(path: Path, problems: Counter) -> dict[str, _Entry]:
@@ -231,18 +241,18 @@ def read_flickr8k_token(path: Path, problems: Counter) -> dict[str, _Entry]:
         for line in f:
             if not line.strip():
                 continue
-            m = _TOKEN_ROW.match(line.rstrip("\r\n"))
-            text = _clean(m.group("text")) if m else ""
-            if not text:
+            row = _token_row(line.rstrip("\r\n"))
+            text = _clean(row[1]) if row else ""
+            if not row or not text:
                 problems[MALFORMED] += 1
                 continue
-            name = _repair_name(m.group("name").strip(), problems)
-            entries[name].captions.append(text)
+            entries[row[0]].captions.append(text)
     return dict(entries)
 
 
-# `image_name| comment_number| comment`; the real file has a row whose second `|` is missing.
-_KAGGLE30K_ROW = re.compile(r"^(?P<name>[^|]+?)\s*\|\s*(?P<k>\d+)\s*(?P<sep>\|)?\s*(?P<text>.*)$")
+# `image_name| comment_number| comment`; the real file has a row whose second `|` is missing. The name ends
+# at the first `| number`, so that it may hold a `|` itself.
+_KAGGLE30K_ROW = re.compile(r"^(?P<name>.+?)\s*\|\s*(?P<k>\d+)\s*(?P<sep>\|)?\s*(?P<text>.*)$")
 
 
 def read_kaggle_flickr30k(path: Path, problems: Counter) -> dict[str, _Entry]:
@@ -262,8 +272,7 @@ def read_kaggle_flickr30k(path: Path, problems: Counter) -> dict[str, _Entry]:
                 continue
             if m.group("sep") is None:
                 problems["repaired rows (missing '|' separator)"] += 1
-            name = _repair_name(m.group("name").strip(), problems)
-            entries[name].captions.append(text)
+            entries[m.group("name").strip()].captions.append(text)
     return dict(entries)
 
 
@@ -285,8 +294,7 @@ def read_kaggle_flickr8k(path: Path, problems: Counter) -> dict[str, _Entry]:
             if not text:
                 problems[MALFORMED] += 1
                 continue
-            name = _repair_name(row[0].strip(), problems)
-            entries[name].captions.append(text)
+            entries[row[0].strip()].captions.append(text)
     return dict(entries)
 
 
@@ -305,8 +313,11 @@ _SPLIT_FILES = {
 }
 
 
-def _with_split_files(entries: dict[str, _Entry], folder: Path, problems: Counter) -> dict[str, _Entry]:
-    """Apply Flickr8k's official split files when they sit next to the captions."""
+def _with_split_files(
+    entries: dict[PurePosixPath, _Entry], folder: Path, problems: Counter
+) -> dict[PurePosixPath, _Entry]:
+    """Apply Flickr8k's official split files when they sit next to the captions: one name a line (a name may
+    hold spaces), compared in NFC."""
     found = False
     for split, names in _SPLIT_FILES.items():
         for name in names:
@@ -314,12 +325,13 @@ def _with_split_files(entries: dict[str, _Entry], folder: Path, problems: Counte
                 found = True
                 try:
                     with _open_text(folder / name) as f:
-                        listed = f.read().split()
+                        listed = [line.strip() for line in f.read().splitlines()]
                 except READ_ERRORS as e:
                     raise UserError(f"cannot read split file {folder / name}: {_why(e)}") from None
                 for line in listed:
-                    if line in entries:
-                        entries[line].split = split
+                    rel = _safe_relative(_nfc(line)) if line else None
+                    if rel in entries:
+                        entries[rel].split = split
     if found:
         unlisted = [e for e in entries.values() if e.split is None]
         if unlisted:
@@ -331,7 +343,8 @@ def _with_split_files(entries: dict[str, _Entry], folder: Path, problems: Counte
 
 def hash_split(name: str) -> str:
     """A deterministic 80/10/10 split decided by the image name alone (not file order, not existence)."""
-    bucket = int.from_bytes(hashlib.sha1(PurePosixPath(name).name.encode("utf-8")).digest()[:4], "big") % 100
+    name = _nfc(PurePosixPath(name).name)  # the same split however the name's accents are encoded
+    bucket = int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:4], "big") % 100
     return "train" if bucket < 80 else "val" if bucket < 90 else "test"
 
 
@@ -375,20 +388,89 @@ def _image_roots(images_dir: Path, captions_path: Path) -> list[Path]:
     return roots
 
 
+class _Disk:
+    """Image files under `root`, found by names compared in NFC: `find` gives the name as it is on disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._listings: dict[Path, dict[str, str]] = {}
+
+    def find(self, rel: PurePosixPath) -> PurePosixPath | None:
+        if (self.root / rel).is_file():  # the usual case: spelled as on disk
+            return rel
+        folder, parts = self.root, []
+        for part in rel.parts:
+            here = folder / part
+            if not here.exists():
+                actual = self._listing(folder).get(_nfc(part))
+                if actual is None:
+                    return None
+                here = folder / actual
+            parts.append(here.name)
+            folder = here
+        return PurePosixPath(*parts) if folder.is_file() else None
+
+    def _listing(self, folder: Path) -> dict[str, str]:
+        """NFC name -> the name on disk, of the entries of `folder` (read once)."""
+        if folder not in self._listings:
+            try:
+                names = sorted(os.listdir(folder))
+            except OSError:
+                names = []
+            listing: dict[str, str] = {}
+            for name in names:
+                listing.setdefault(_nfc(name), name)
+            self._listings[folder] = listing
+        return self._listings[folder]
+
+
 def _pick_root(images_dir: Path, captions_path: Path, names: Iterable[PurePosixPath]) -> Path:
     names = list(names)
     sample = names[:: max(len(names) // 200, 1)][:200]
     best, best_hits = Path(os.path.abspath(images_dir)), -1
     for root in _image_roots(images_dir, captions_path):
-        hits = sum((root / n).is_file() for n in sample)
+        disk = _Disk(root)
+        hits = sum(disk.find(n) is not None for n in sample)
         if hits > best_hits:
             best, best_hits = root, hits
     return best
 
 
+def _repair_stray_names(
+    entries: dict[PurePosixPath, _Entry], disk: _Disk, problems: Counter
+) -> dict[PurePosixPath, _Entry]:
+    """Flickr8k's stray `x.jpg.1` entry names `x.jpg`, when no file `x.jpg.1` exists: then its captions join
+    `x.jpg`'s (in file order), counted. A real file called `x.jpg.1` keeps its name."""
+    out: dict[PurePosixPath, _Entry] = {}
+    for rel, entry in entries.items():
+        m = _STRAY_SUFFIX.match(rel.name)
+        if m and disk.find(rel) is None:
+            problems[REPAIRED_NAMES] += 1
+            rel = rel.with_name(m.group("base"))
+        if rel in out:
+            out[rel].captions.extend(entry.captions)
+            out[rel].split = out[rel].split or entry.split
+        else:
+            out[rel] = entry
+    return out
+
+
+def _merge_nfc(entries: dict[str, _Entry]) -> dict[str, _Entry]:
+    """The entries keyed by NFC name: an image listed once in NFC and once in NFD is one image."""
+    out: dict[str, _Entry] = {}
+    for name, entry in entries.items():
+        key = _nfc(name)
+        if key in out:
+            out[key].captions.extend(entry.captions)
+            out[key].split = out[key].split or entry.split
+        else:
+            out[key] = entry
+    return out
+
+
 def _resolve(images_dir: Path, path: Path, layout: str, entries: dict[str, _Entry], problems: Counter) -> CaptionSet:
     safe: dict[PurePosixPath, _Entry] = {}
-    for name, entry in entries.items():
+    for name, entry in _merge_nfc(entries).items():
         if not _storable(name):
             problems[MALFORMED] += 1
             continue
@@ -401,13 +483,18 @@ def _resolve(images_dir: Path, path: Path, layout: str, entries: dict[str, _Entr
             continue
         safe[rel] = entry
     root = _pick_root(images_dir, path, safe)
+    disk = _Disk(root)
+    safe = _repair_stray_names(safe, disk, problems)
+    if layout in ("flickr8k-token", "kaggle-flickr8k"):
+        safe = _with_split_files(safe, path.parent, problems)
     base = Path(os.path.abspath(images_dir))  # `root` is spelled from it; `rel` has no `..`
     images, captions, splits = [], [], []
     for rel in sorted(safe, key=str):
-        full = root / rel
-        if not full.is_file():
+        on_disk = disk.find(rel)
+        if on_disk is None:
             problems["captioned images missing on disk"] += 1
             continue
+        full = root / on_disk
         entry = safe[rel]
         images.append(full.relative_to(base).as_posix())
         captions.append(entry.captions)

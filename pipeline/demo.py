@@ -5,7 +5,8 @@ textured background, with five captions that say what and where. extract, fit, e
 then run on it under `cache/demo/`, and the captions are printed next to their references.
 
 The demo deletes only what it wrote: it works in a new or empty folder, or in one an earlier demo made (it
-marks them), and a rerun removes the files a demo writes there, nothing else.
+marks them, and records in the mark the images it draws), and a rerun removes the files a demo writes there
+and the images the earlier demo recorded, nothing else.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -110,11 +111,11 @@ def make_dataset(folder: Path, n: int, size: int = 224, seed: int = 0) -> Path:
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     entries = []
-    for i in range(n):
+    for i, rel in enumerate(image_names(n)):
         img, attributes = draw_object_sample(rng, size)
         colour, shape, place = attributes["colour"], attributes["shape"], attributes["place"]
-        name = f"shape_{i:05d}.jpg"
-        img.save(folder / "images" / name, quality=92)
+        name = Path(rel).name
+        img.save(folder / rel, quality=92)
         split = "train" if i < n * 0.8 else "val" if i < n * 0.9 else "test"
         sentences = [{"raw": t.format(c=colour, s=shape, p=PHRASES[place])} for t in TEMPLATES]
         entries.append(
@@ -129,6 +130,11 @@ def make_dataset(folder: Path, n: int, size: int = 224, seed: int = 0) -> Path:
     path = folder / "demo_captions.json"
     write_text_atomic(path, json.dumps({"dataset": "demo", "images": entries}))
     return path
+
+
+def image_names(n: int) -> list[str]:
+    """The images `make_dataset(folder, n)` draws, relative to `folder`."""
+    return [f"images/shape_{i:05d}.jpg" for i in range(n)]
 
 
 def attribute_accuracy(captions: list[dict], truth: dict[str, dict]) -> dict[str, tuple[float, float]]:
@@ -188,7 +194,8 @@ def pick_weights(requested: str | None) -> str:
 
 
 MARKER = ".captioner-demo"  # written in every folder the demo makes: the only folders it clears
-# What a demo run writes in its folder, and so what a rerun deletes (nothing else, ever).
+# What a demo run writes in its folder, and so what a rerun deletes (nothing else, ever), with the images
+# that the marker records.
 OWN_FILES = (
     "demo_captions.json",
     "features.h5",
@@ -200,27 +207,36 @@ OWN_FILES = (
     "scores.json",
     "attention.png",
 )
-OWN_IMAGE = re.compile(r"^shape_\d{5}\.jpg$")
+RECORDED = re.compile(r"^images/[^/\\]+$")  # what a record may name: a file directly in images/ (no `..`)
 
 
 def demo(cfg: DemoConfig) -> dict:
     """Generate the sample, then extract, fit, evaluate, generate, in `cfg.out` (see `claim_folder`).
     Returns the test metrics."""
-    with claim_folder(cfg.out):
+    with claim_folder(cfg.out, image_names(cfg.images)):
         return _run(cfg)
 
 
 @contextlib.contextmanager
-def claim_folder(out: Path) -> Iterator[Path]:
+def claim_folder(out: Path, images: Sequence[str] = ()) -> Iterator[Path]:
     """Make `out` the demo's folder for the block: a new or empty folder (marked as the demo's), or one an
-    earlier demo made, from which the files a demo writes are deleted (nothing else). A file, or a folder
-    holding anything without the mark, is refused. The folder's lock is held throughout."""
+    earlier demo made, from which the files a demo writes and the images the earlier demo recorded are
+    deleted (nothing else). A file, or a folder holding anything without the mark, is refused; so is a file
+    at one of `images` (the images this run will draw, recorded in the mark before any is drawn) that no
+    demo recorded. The folder's lock is held throughout."""
     _refuse_foreign(out)
     check_writable_folder(out, "--out")
     with exclusive(out, f"--out {out}"):
         _refuse_foreign(out)  # again, now that no other demo can be making it
-        write_text_atomic(out / MARKER, "made by `cli.py demo`, which may delete what it wrote here\n")
         _clear(out)
+        for rel in images:
+            if (out / rel).exists() or (out / rel).is_symlink():
+                raise UserError(
+                    f"--out {out}: {rel} is not a file a demo recorded drawing, and this demo would draw over it: "
+                    "move it, or give another --out"
+                )
+        record = {"made_by": "cli.py demo, which may delete what it wrote here", "images": list(images)}
+        write_text_atomic(out / MARKER, json.dumps(record, indent=1) + "\n")
         yield out
 
 
@@ -244,17 +260,33 @@ def _made_by_demo(out: Path) -> bool:
         return False
 
 
+def _recorded(out: Path) -> list[str]:
+    """The images an earlier demo recorded drawing in `out`: the mark's record, or (a demo older than the record)
+    the images its captions file lists. Only names directly inside images/ are taken."""
+    try:
+        names = json.loads((out / MARKER).read_text(encoding="utf-8"))["images"]
+    except (OSError, ValueError, TypeError, KeyError):
+        try:
+            entries = json.loads((out / "demo_captions.json").read_text(encoding="utf-8"))["images"]
+            names = [f"{e['filepath']}/{e['filename']}" for e in entries]
+        except (OSError, ValueError, TypeError, KeyError):
+            names = []
+    if not isinstance(names, list):
+        return []
+    return [n for n in names if isinstance(n, str) and RECORDED.match(n) and n[len("images/") :] not in (".", "..")]
+
+
 def _clear(out: Path) -> None:
     """Delete what an earlier demo wrote in `out`; any other file stays."""
+    drawn = _recorded(out)
     for name in OWN_FILES:
         (out / name).unlink(missing_ok=True)
-    images = out / "images"
-    if images.is_dir():
-        for path in images.iterdir():
-            if OWN_IMAGE.match(path.name) and path.is_file():
-                path.unlink()
-        with contextlib.suppress(OSError):  # not empty: someone else's files are in it
-            images.rmdir()
+    for rel in drawn:
+        path = out / rel
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+    with contextlib.suppress(OSError):  # not empty: someone else's files are in it
+        (out / "images").rmdir()
 
 
 def _run(cfg: DemoConfig) -> dict:

@@ -6,8 +6,9 @@
   between `<start>` and `<end>`, so every id the decoder reads gets a vector. The vectors are centred and
   scaled to RMS 1 (see `centred`: as they come out of gensim, they measured worse than random).
 - a file: pretrained vectors in word2vec binary, word2vec text or GloVe text (no header) format, read with
-  gensim's KeyedVectors loader (compressed `.gz`/`.bz2` too). Vocabulary words the file lacks get random
-  vectors of the same scale as the ones it has.
+  gensim's KeyedVectors loader, gzip-, bz2- or xz-compressed or not: format and compression both come from
+  the file's first bytes, never from its name. Vocabulary words the file lacks get random vectors of the
+  same scale as the ones it has.
 
 The functions here build a (V, D) matrix and say how much of the vocabulary it covers; fit copies it into the
 model once, before the first epoch (a resumed run has it in its checkpoint already). gensim is an optional
@@ -17,18 +18,26 @@ vector of `dog`" stays exactly that, and a missing word's random vector matches 
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import logging
+import lzma
 import math
+import os
+import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import IO
 
 import numpy as np
 
 from pipeline.config import Word2VecConfig
+from pipeline.console import warn
 from pipeline.errors import UserError, describe
 from pipeline.vocab import END, SPECIALS, START, UNK, Vocabulary, tokenize
 
@@ -36,7 +45,14 @@ INSTALL = "uv sync --extra word2vec"  # or `pip install gensim`
 __all__ = ["Word2VecConfig", "Vectors", "initial_vectors", "load_vectors", "train_captions", "train_word2vec"]
 SOURCES = ("random", "word2vec")  # anything else is the path of a vectors file
 FORMATS = {"binary": "word2vec binary", "text": "word2vec text", "glove": "GloVe text"}
-COMPRESSED = {".gz", ".bz2", ".xz", ".zst"}  # decompressed by gensim's opener (smart_open)
+# compressions recognised by their magic bytes: name, opener, and the suffix by which gensim's opener
+# (smart_open) decompresses them
+COMPRESSIONS = {
+    b"\x1f\x8b": ("gzip", gzip.open, ".gz"),
+    b"BZh": ("bz2", bz2.open, ".bz2"),
+    b"\xfd7zXZ\x00": ("xz", lzma.open, ".xz"),
+}
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_RATIO = 1100  # a compressed file holds at most this many times its size (gzip's limit is ~1032)
 SNIFF_BYTES = 1 << 16  # the header and the first vector of any real file fit in this
 
@@ -180,39 +196,51 @@ def load_vectors(path: str | Path, vocab: Vocabulary, dim: int, seed: int = 0) -
     if not path.is_file():
         raise UserError(f"--embeddings {path} is not a file")
     gensim = _gensim(f"--embeddings {path}")
-    fmt, _, file_dim = sniff(path, gensim)
+    fmt, count, file_dim = sniff(path)
     if file_dim != dim:
         raise UserError(f"{path} holds {file_dim}-dimensional vectors, but the embedding size is {dim}")
     t0 = time.perf_counter()
     try:
-        with _quiet_gensim():
+        with _quiet_gensim(), _named_by_content(path) as name:
             kv = gensim.models.KeyedVectors.load_word2vec_format(
-                str(path.resolve()),  # absolute: never taken for a URL by smart_open
+                name,
                 binary=fmt == "binary",
                 no_header=fmt == "glove",
                 unicode_errors="replace",  # a word cut mid-character cannot match the vocabulary anyway
             )
     except MemoryError:
         raise UserError(f"{path} is too large to load into memory") from None
+    except UserError:
+        raise
     except Exception as e:  # gensim and numpy raise ValueError, EOFError, UnicodeDecodeError, ... on bad files
+        bad = _bad_line(path, fmt, dim) if fmt != "binary" else None
+        if bad is not None:  # numpy's "could not broadcast input array from shape (299,)" says none of this
+            line, word, values = bad
+            raise UserError(
+                f"{path}: line {line} ({word!r}) holds {values} values, not {dim} (a damaged file, or a word "
+                "with spaces inside)"
+            ) from None
         raise UserError(f"cannot read {FORMATS[fmt]} vectors from {path}: {describe(e)}") from None
     if kv.vectors.ndim != 2 or kv.vectors.shape[1] != dim or len(kv) == 0:
         raise UserError(f"{path} holds no {dim}-dimensional vectors")
+    if count is not None and _holds_more(path, fmt, count, dim):
+        warn(f"{path}: its header announces {count:,} vectors, but it holds more: only the first {count:,} are read")
     lookup = _lookup(kv.key_to_index, kv.index_to_key)
     detail = f"{len(kv):,} {FORMATS[fmt]} vectors from {path} ({dim}-d, read in {time.perf_counter() - t0:.1f}s)"
     return _assemble(vocab, dim, seed, lookup, kv.vectors, str(path), detail, check=True)
 
 
-def sniff(path: Path, gensim: ModuleType | None = None) -> tuple[str, int | None, int]:
+def sniff(path: Path) -> tuple[str, int | None, int]:
     """(format, vectors the header announces or None, dimension) from the start of the file.
 
     word2vec files start with a `COUNT DIM` line; then text files hold `word v1 .. vDIM` lines and binary
     ones `word ` and DIM raw float32. GloVe files have no header: every line is a word and its values."""
-    gensim = gensim or _gensim(f"--embeddings {path}")
     try:
-        with gensim.utils.open(str(path.resolve()), "rb") as f:
+        with _open_vectors(path) as f:
             head = f.read(SNIFF_BYTES)
-    except Exception as e:  # a .gz that is not gzip, an unreadable file...
+    except UserError:
+        raise
+    except Exception as e:  # a damaged gzip, bz2 or xz stream, an unreadable file...
         raise UserError(f"cannot read vectors file {path}: {describe(e)}") from None
     if not head.strip():
         raise UserError(f"vectors file {path} is empty")
@@ -234,6 +262,80 @@ def sniff(path: Path, gensim: ModuleType | None = None) -> tuple[str, int | None
         f"{path} is not a word2vec or GloVe vectors file (its first line is neither `COUNT DIM` nor a word "
         "followed by numbers)"
     )
+
+
+def _compression(path: Path) -> tuple[str, Callable, str] | None:
+    """(name, opener, suffix) of the file's compression, from its first bytes; None when it is not compressed."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(ZSTD_MAGIC):
+        raise UserError(f"{path} is zstd-compressed, which is not read here: decompress it (`zstd -d`) or use gzip")
+    return next((c for m, c in COMPRESSIONS.items() if magic.startswith(m)), None)
+
+
+def _open_vectors(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed when its content is gzip, bz2 or xz (whatever its name)."""
+    compression = _compression(path)
+    return compression[1](path, "rb") if compression else open(path, "rb")
+
+
+@contextlib.contextmanager
+def _named_by_content(path: Path) -> Iterator[str]:
+    """A name for `path` that tells gensim's opener (smart_open, which goes by the suffix) the compression that
+    the content has: a symlink in a temporary folder, `vectors.gz` for gzip content, `vectors.txt` for plain
+    text, whatever the file is called. No data is copied. (gensim's loader takes a file name, and opens it
+    twice for GloVe files, so an open stream cannot be passed instead.)"""
+    compression = _compression(path)
+    suffix = compression[2] if compression else ".txt"
+    with tempfile.TemporaryDirectory(prefix="captioner-vectors-") as folder:
+        link = Path(folder) / f"vectors{suffix}"
+        try:
+            os.symlink(path.resolve(), link)
+        except OSError:  # no symlinks here: the name must then say the truth
+            if path.suffix.lower() != suffix and (compression or path.suffix.lower() in (".gz", ".bz2", ".xz")):
+                raise UserError(f"{path}: its name does not match its content; rename it to end in {suffix}") from None
+            link = path.resolve()
+        yield str(link)  # absolute: never taken for a URL by smart_open
+
+
+def _bad_line(path: Path, fmt: str, dim: int) -> tuple[int, str, int] | None:
+    """(line number, word, values) of the first line of a text vectors file without `dim` values, or None."""
+    try:
+        with _open_vectors(path) as f:
+            for number, raw in enumerate(f, start=1):
+                if number == 1 and fmt == "text":
+                    continue  # the `COUNT DIM` header
+                fields = raw.decode("utf-8", "replace").rstrip().split(" ")
+                if raw.strip() and len(fields) - 1 != dim:
+                    return number, fields[0], len(fields) - 1
+    except Exception:  # the file cannot be read again: gensim's message will do
+        return None
+    return None
+
+
+def _holds_more(path: Path, fmt: str, count: int, dim: int) -> bool:
+    """Whether a word2vec file holds more than the `count` vectors its header announces (gensim reads `count`
+    and stops): a second pass over the file, reading the vectors' bytes without parsing them."""
+    with _open_vectors(path) as f:
+        f.readline()  # the header
+        if fmt == "text":
+            for _ in range(count):
+                if not f.readline():
+                    return False
+            return any(line.strip() for line in f)
+        data, pos, entry = b"", 0, 4 * dim  # binary: `word ` then dim float32, then maybe a newline
+        for _ in range(count):
+            space = data.find(b" ", pos)
+            while space < 0 or space + 1 + entry > len(data):
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    return False
+                data, pos = data[pos:] + chunk, 0
+                space = data.find(b" ")
+            pos = space + 1 + entry
+        if data[pos:].strip():
+            return True
+        return any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def _text_fields(line: bytes) -> list[str] | None:
@@ -260,7 +362,7 @@ def _is_entry(fields: list[str] | None, dim: int) -> bool:
 
 def _check_size(path: Path, fmt: str, count: int, dim: int) -> None:
     """Refuse a header that announces more vectors than the file can hold, before gensim allocates them."""
-    size = path.stat().st_size * (MAX_RATIO if path.suffix.lower() in COMPRESSED else 1)
+    size = path.stat().st_size * (MAX_RATIO if _compression(path) else 1)
     smallest = (2 + 4 * dim) if fmt == "binary" else (2 + 2 * dim)  # `w ` + floats / `w` + ` 0` x dim + newline
     if count * smallest > size:
         raise UserError(
@@ -270,8 +372,8 @@ def _check_size(path: Path, fmt: str, count: int, dim: int) -> None:
 
 
 def _lookup(key_to_index: dict, index_to_key: list) -> Callable[[str], int | None]:
-    """word -> row in the file: the word itself, else its first lowercase match (cased files such as
-    GoogleNews hold `Dog` and `dog`; the vocabulary is lowercase)."""
+    """word -> row in the file: the word itself, else its first lowercase match in NFC (cased files such as
+    GoogleNews hold `Dog` and `dog`; the vocabulary is lowercase and NFC, a file's words may be NFD)."""
     lower: dict[str, int] | None = None
 
     def find(word: str) -> int | None:
@@ -282,7 +384,7 @@ def _lookup(key_to_index: dict, index_to_key: list) -> Callable[[str], int | Non
         if lower is None:
             lower = {}
             for j, key in enumerate(index_to_key):
-                lower.setdefault(str(key).lower(), j)
+                lower.setdefault(unicodedata.normalize("NFC", str(key)).lower(), j)
         return lower.get(word)
 
     return find

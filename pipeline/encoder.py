@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UserError, describe
+from pipeline.files import read_torch
 
 # The stage a store holds -> its rows' shape (channels-last) and the `encoder` provenance it records.
 FEATURE_SHAPES = {"layer4": (7, 7, 2048), "layer3": (14, 14, 1024)}
@@ -101,21 +102,16 @@ def load_weights(spec: str) -> tuple[dict | None, WeightsInfo]:
             finally:
                 socket.setdefaulttimeout(old)
         try:
-            state = torch.load(cached, map_location="cpu", weights_only=True)
-        except Exception as e:  # a damaged cache file: zip, pickle or I/O errors
-            raise UserError(
-                f"cannot load the cached {spec} weights {cached} ({describe(e)}); delete that file to download it again"
-            ) from None
+            state = read_torch(cached, f"the cached {spec} weights", "a torchvision weights file")
+        except UserError as e:  # a damaged cache file
+            raise UserError(f"{e}; delete that file to download it again") from None
         return state, WeightsInfo(spec, _sha256(cached), str(cached))
     path = Path(spec)
     if not path.is_file():
         raise UserError(
             f"--weights {spec!r} is neither {', '.join(NAMED_WEIGHTS)}, 'none', nor an existing state_dict file"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors: the file is not a plain state_dict
-        raise UserError(f"cannot load weights file {path}: {describe(e)}") from None
+    state = read_torch(path, "weights file", "a ResNet50 state_dict file (--weights FILE)")
     if not isinstance(state, dict):
         raise UserError(f"weights file {path} does not hold a state_dict")
     return _trunk_state(state), WeightsInfo("file", _sha256(path), str(path.resolve()))

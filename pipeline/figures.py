@@ -3,8 +3,9 @@
 - attention: the photo, then one panel per generated word with its 7x7 attention upsampled;
 - training curves: fit's `OUT/curves.png`, redrawn from metrics.jsonl's records after each epoch.
 
-Each PNG carries a mark (its `Software` text chunk), by which `is_own_figure` tells a figure this tool wrote,
-and may replace, from a user's file.
+Each PNG carries its writer's mark (its `Software` text chunk), by which `is_own_figure` tells a figure that
+writer made, and may replace, from any other file: generate's attention figures and fit's curves carry
+different marks, so neither takes the other's file for its own.
 """
 
 from __future__ import annotations
@@ -31,27 +32,33 @@ def _pyplot():
     return plt
 
 
-MARK = "captioner (attention-LSTM image captioning)"
+# One mark per writer. (Figures written before the marks were split carry "captioner (attention-LSTM image
+# captioning)", which both wrote: such a file is nobody's own any more, and is never replaced.)
+MARKS = {
+    "attention": "captioner generate (attention figure)",
+    "curves": "captioner fit (training curves)",
+}
 
 
-def _save(fig, path: Path, dpi: int) -> Path:
-    """PNG at `path`, atomically (a figure is never seen half-written), with the mark."""
+def _save(fig, path: Path, dpi: int, kind: str) -> Path:
+    """PNG at `path`, atomically (a figure is never seen half-written), with the mark of its `kind`."""
     plt = _pyplot()
     try:
         with atomic_write(path) as f:
-            fig.savefig(f, format="png", dpi=dpi, metadata={"Software": MARK})
+            fig.savefig(f, format="png", dpi=dpi, metadata={"Software": MARKS[kind]})
     finally:
         plt.close(fig)
     return path
 
 
-def is_own_figure(path: Path) -> bool:
-    """Whether `path` is a regular file holding a PNG this tool wrote (it carries the mark)."""
+def is_own_figure(path: Path, kind: str = "attention") -> bool:
+    """Whether `path` is a regular file holding a PNG of this `kind` that this tool wrote (it carries that
+    kind's mark)."""
     try:
         if path.is_symlink() or not path.is_file():
             return False
         with Image.open(path) as img:
-            return img.format == "PNG" and img.info.get("Software") == MARK
+            return img.format == "PNG" and img.info.get("Software") == MARKS[kind]
     except (OSError, ValueError, Image.DecompressionBombError):  # not an image at all
         return False
 
@@ -82,7 +89,7 @@ def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, p
         ax.set_title(word, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, path, dpi=80)
+    return _save(fig, path, dpi=80, kind="attention")
 
 
 def training_curves(records: list[dict], path: Path) -> Path:
@@ -113,7 +120,7 @@ def training_curves(records: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
-    return _save(fig, path, dpi=80)
+    return _save(fig, path, dpi=80, kind="curves")
 
 
 def colormap_table(n: int = 256) -> list[list[int]]:

@@ -1,4 +1,5 @@
-"""Writing files without losing any: atomic replacement, one-writer locks, stale temp files, up-front checks.
+"""Writing files without losing any: atomic replacement, one-writer locks, stale temp files, up-front checks;
+and reading torch files a user names, with an error that says what the file is instead of torch's own.
 
 Every file the tool writes goes through `atomic_write`: a hidden temp file in the same folder, fsync, then
 `os.replace`. An interrupt or a write error (disk full, EFBIG) removes the temp file and leaves the old
@@ -16,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -122,6 +125,7 @@ def exclusive(path: str | Path, what: str | None = None) -> Iterator[None]:
         yield
         return
     lock = lock_path(path)
+    _refuse_foreign_lock(lock)
     key = (os.getpid(), str(lock.resolve()))
     if key in _held:
         _held[key] += 1
@@ -166,6 +170,24 @@ def exclusive(path: str | Path, what: str | None = None) -> Iterator[None]:
         os.close(fd)
 
 
+def _refuse_foreign_lock(lock: Path) -> None:
+    """A lock file of ours holds a pid (or nothing, when its writer was killed at once). Anything else at that
+    name (another tool's `.lock` in a user's folder, a link, a folder) is not ours to truncate and delete."""
+    try:
+        if lock.is_symlink() or not lock.is_file():
+            content = b"" if not (lock.exists() or lock.is_symlink()) else b"not a file"
+        else:
+            with open(lock, "rb") as f:
+                content = f.read(64).strip()
+    except OSError:
+        return  # unreadable: os.open below says why
+    if content and not content.isdigit():
+        raise UserError(
+            f"{lock} exists and is not a lock file of captioner (it holds something else): it is left as it is; "
+            "move it, or choose another folder"
+        )
+
+
 def check_writable_folder(folder: str | Path, what: str) -> Path:
     """Create `folder` (and parents) if needed and prove a file can be written in it, before any work starts.
     A path that is a file, or a folder without write permission, is a UserError naming `what`."""
@@ -181,3 +203,63 @@ def check_writable_folder(folder: str | Path, what: str) -> Path:
     except OSError as e:
         raise UserError(f"cannot write in {what} {folder}: {describe(e)}") from None
     return folder
+
+
+# First bytes of files a user may give where a torch file is expected, and what to call them.
+_MAGIC = (
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (a feature store?)"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"RIFF", "a WebP image or another RIFF file"),
+    (b"\x1f\x8b", "a gzip file"),
+    (b"%PDF", "a PDF document"),
+)
+
+
+def what_file(path: Path) -> str:
+    """What a file is, in a few words, from its first bytes: "an empty file", "an HDF5 file (a feature store?)",
+    "a zip archive", "a pickle", "a text file"..."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"unreadable ({describe(e)})"
+    if not head:
+        return "an empty file"
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle"
+    for cut in range(4):  # the 512 bytes may end inside a character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if all(c.isprintable() or c in "\t\r\n" for c in text):
+            return "a text file"
+    return "a file of another kind"
+
+
+def read_torch(path: Path, what: str, expected: str) -> object:
+    """`torch.load(path, weights_only=True)` on CPU (nothing in the file is ever run). A file it cannot load is a
+    UserError `cannot load WHAT PATH: it is ..., not EXPECTED` ("checkpoint", "a checkpoint written by fit"),
+    saying what the file is: never torch's message, which tells programmers to retry with
+    `weights_only=False` (that runs the file's code)."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch's warnings about a pickle's protocol ask to "file an issue"
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle, EOF and weights_only errors alike: the file is not what was expected
+        kind, why = what_file(path), ""
+        if kind in ("a zip archive", "a pickle"):  # torch's own formats
+            if isinstance(e, pickle.UnpicklingError):
+                kind = "a file of Python objects other than tensors and plain values (a whole pickled model?)"
+                why = ": such objects are never loaded, since loading them could run code"
+            else:
+                kind = f"{kind} that is damaged, truncated or not a PyTorch file"
+        raise UserError(f"cannot load {what} {path}: it is {kind}, not {expected}{why}") from None

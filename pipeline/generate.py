@@ -8,6 +8,7 @@ loaded: generate replaces no file but a figure it wrote itself.
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,8 +47,10 @@ def figure_paths(attention: str | Path, images: list[Path]) -> list[Path]:
     - a folder (one that exists, or a path ending in /): FOLDER/<image stem>.png for each image;
     - FILE.png: that file for one image, FILE_<image stem>.png for each of several.
 
-    Names that clash get the image's position appended. A path that exists must be a figure generate
-    wrote (a PNG that carries its mark): anything else is refused, never replaced."""
+    Names that clash (compared in NFC and ignoring case, as some file systems do) get the image's position
+    appended, then a counter, until no two images share a figure; generate prints each image's figure with its
+    caption. A path that exists must be a figure generate wrote (a PNG that carries its mark): anything else
+    is refused, never replaced."""
     text = str(attention)
     base = Path(attention)
     folder = base.is_dir() or text.endswith(("/", os.sep))
@@ -57,6 +60,7 @@ def figure_paths(attention: str | Path, images: list[Path]) -> list[Path]:
         )
     check_writable_folder(base if folder else base.parent, "the folder of --attention")
     out: list[Path] = []
+    taken: set[str] = set()
     for i, image in enumerate(images):
         if folder:
             path = base / f"{image.stem}.png"
@@ -64,8 +68,11 @@ def figure_paths(attention: str | Path, images: list[Path]) -> list[Path]:
             path = base
         else:
             path = base.with_name(f"{base.stem}_{image.stem}{base.suffix}")
-        if path in out:
-            path = path.with_name(f"{path.stem}_{i}{path.suffix}")
+        first, n = path, 0
+        while _key(path) in taken:
+            n += 1
+            path = first.with_name(f"{first.stem}_{i}{f'_{n}' if n > 1 else ''}{first.suffix}")
+        taken.add(_key(path))
         if (path.exists() or path.is_symlink()) and not is_own_figure(path):
             raise UserError(f"{path} exists and is not an attention figure that generate wrote: it is left as it is")
         remove_stale_temps(path)
@@ -120,6 +127,11 @@ def generate(cfg: GenerateConfig) -> Iterator[dict]:
         warn(f"{failed} of {len(paths)} images could not be read; {captioned} captioned")
     if not captioned:
         raise UserError("none of the images could be read")
+
+
+def _key(path: Path) -> str:
+    """A figure's name as a file system that normalises or folds case sees it (macOS, Windows)."""
+    return unicodedata.normalize("NFC", str(path)).casefold()
 
 
 def _check_image_file(path: Path) -> None:

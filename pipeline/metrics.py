@@ -13,6 +13,7 @@ import io
 import re
 import shutil
 import subprocess
+import unicodedata
 from functools import lru_cache
 
 from pipeline.console import warn
@@ -38,7 +39,9 @@ _PUNCTUATION = {
     "...",
     ";",
 }
-_SPLIT = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|'[a-z]+|\.\.\.|--|[^\sa-z0-9]")
+# On lowercase ASCII this is [a-z0-9]+(?:'[a-z]+)?|'[a-z]+|\.\.\.|--|[^\sa-z0-9]; beyond ASCII, letters of
+# every script are word characters (`café` is one word, as the PTB tokenizer has it, not `caf` and `é`).
+_SPLIT = re.compile(r"[^\W_]+(?:'[^\W\d_]+)?|'[^\W\d_]+|\.\.\.|--|[^\s\w]|_")
 
 
 class JavaError(Exception):
@@ -70,8 +73,13 @@ def java_available() -> bool:
 
 
 def simple_tokenize(text: str) -> str:
-    """Lowercase, split punctuation off, drop the PTB tokenizer's punctuation tokens."""
-    return " ".join(t for t in _SPLIT.findall(text.lower()) if t not in _PUNCTUATION)
+    """Lowercase, split punctuation off, drop the PTB tokenizer's punctuation tokens (text compared in NFC)."""
+    return " ".join(t for t in _SPLIT.findall(_nfc(text).lower()) if t not in _PUNCTUATION)
+
+
+def _nfc(text: str) -> str:
+    """Captions are compared in Unicode NFC: a reference stored as `cafe` + U+0301 says the model's `café`."""
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
 
 
 @contextlib.contextmanager
@@ -150,8 +158,8 @@ def score(candidates: list[str], references: list[list[str]], java: bool | None 
     if java and not have_java:
         raise UserError(f"METEOR and the PTB tokenizer need Java: {java_problem() or 'no working `java` on PATH'}")
     use_java = have_java if java is None else bool(java)
-    gts = {i: [{"caption": r} for r in refs] for i, refs in enumerate(references)}
-    res = {i: [{"caption": c}] for i, c in enumerate(candidates)}
+    gts = {i: [{"caption": _nfc(r)} for r in refs] for i, refs in enumerate(references)}
+    res = {i: [{"caption": _nfc(c)}] for i, c in enumerate(candidates)}
     tokenizer = "ptb" if use_java else "simple (Python, not PTB-tokenised)"
     try:
         gts_tok, res_tok = (_ptb_tokenize(gts), _ptb_tokenize(res)) if use_java else (None, None)

@@ -45,6 +45,8 @@ from pipeline.transform import DECODE_ERRORS, TransformConfig, open_image, resiz
 
 WEB = Path(__file__).with_name("web")  # the page: index.html, app.js, style.css
 FORMATS = ("JPEG", "PNG", "WEBP")  # the only decoders an upload may reach
+# the first bytes of JPEG, PNG and WebP files: a plain (not file) `image` field is taken only when it holds one
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the beam_size field, beyond the image
 log = logging.getLogger("captioner.serve")
 
@@ -150,9 +152,10 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 / 10 else f"{n / 1024:.0f} KB"
 
 
-async def read_form(request: Request, max_file_bytes: int) -> dict[str, bytes]:
-    """The fields of a multipart/form-data body, read into memory: {name: bytes}. File names sent by the client
-    are ignored. Refuses (413) a body or a field larger than the caps while reading, before the rest arrives."""
+async def read_form(request: Request, max_file_bytes: int) -> tuple[dict[str, bytes], set[str]]:
+    """The fields of a multipart/form-data body, read into memory: {name: bytes}, and the names of the fields
+    sent as files (with a file name, whose value is otherwise ignored). Refuses (413) a body or a field larger
+    than the caps while reading, before the rest arrives."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     mime, params = parse_options_header(request.headers.get("content-type", ""))
@@ -165,6 +168,7 @@ async def read_form(request: Request, max_file_bytes: int) -> dict[str, bytes]:
         raise too_large
 
     fields: dict[str, bytearray] = {}
+    files: set[str] = set()
     part = {"header": b"", "value": b"", "headers": {}}  # the part whose headers are being read
     current: list[bytearray] = []
 
@@ -183,6 +187,8 @@ async def read_form(request: Request, max_file_bytes: int) -> dict[str, bytes]:
         name = options.get(b"name", b"").decode("utf-8", "replace")
         if len(fields) >= 8:
             raise ApiError(400, "too many form fields")
+        if b"filename" in options:
+            files.add(name)
         fields[name] = bytearray()
         current[:] = [fields[name]]
         part["headers"] = {}
@@ -213,7 +219,7 @@ async def read_form(request: Request, max_file_bytes: int) -> dict[str, bytes]:
         raise
     except Exception as e:  # python_multipart's parse errors, a client that went away mid-body
         raise ApiError(400, f"the upload could not be read ({describe(e)})") from None
-    return {name: bytes(value) for name, value in fields.items()}
+    return {name: bytes(value) for name, value in fields.items()}, files
 
 
 def read_image(data: bytes, transform: TransformConfig, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -387,9 +393,12 @@ def create_app(captioner: Captioner, cfg: ServeConfig, model_name: str = "model.
     @app.post("/api/caption")
     async def caption(request: Request) -> dict:
         t0 = time.perf_counter()
-        fields = await read_form(request, cfg.max_upload_bytes)
+        fields, files = await read_form(request, cfg.max_upload_bytes)
         if "image" not in fields:
             raise ApiError(400, "no image: send the photo in a form field named 'image'")
+        if "image" not in files and not fields["image"].startswith(IMAGE_MAGIC):
+            # a plain text field (`-F image=photo.jpg`, without the @ that sends the file): no image was sent
+            raise ApiError(400, "no image: the field 'image' holds text, not a file (curl: -F image=@photo.jpg)")
         beam = fields.get("beam_size", b"3").decode("ascii", "replace").strip() or "3"
         if not beam.isdigit() or not 1 <= int(beam) <= cfg.max_beam_size:
             raise ApiError(400, f"beam_size must be a whole number from 1 to {cfg.max_beam_size}")

@@ -314,7 +314,8 @@ def train_vocabulary(
 
 def resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     """The config of a resumed run: `cfg` (epochs, device, out, amp... from the command line) with the
-    RESUMED_KEYS of the checkpoint's train_config. `cfg` itself is not changed."""
+    RESUMED_KEYS of the checkpoint's train_config. `cfg` itself is not changed. An option the user typed
+    (`cfg.typed`) with another value than the checkpoint's is a UserError naming both: never ignored."""
     resumed = {k: saved[k] for k in RESUMED_KEYS if k in saved}
     if "feature_norm" not in saved:  # checkpoints from before per-channel statistics: a bool, one scale or none
         resumed["feature_norm"] = "rms" if saved.get("feature_scale", True) else "none"
@@ -323,7 +324,23 @@ def resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     # checkpoints from before word vectors: random and trained, whatever this command line says
     resumed.setdefault("embeddings", "random")
     resumed.setdefault("freeze_embeddings", False)
+    clashes = [k for k in cfg.typed if k in resumed and getattr(cfg, k) != resumed[k]]
+    if clashes:
+        shown = ", ".join(f"{_option(k, getattr(cfg, k))} (last.pt: {_option(k, resumed[k], True)})" for k in clashes)
+        raise UserError(
+            f"--resume continues the run in last.pt, which decides these and was trained otherwise: {shown}; "
+            "drop them to continue that run, or train a new one in another --out"
+        )
     return dataclasses.replace(cfg, **resumed)
+
+
+def _option(key: str, value: object, bare: bool = False) -> str:
+    """How a fit option is typed: `--lr 5.0`, `--gate`/`--no-gate`, `--finetune none` (bare: the value alone)."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    shown = "none" if value is None else str(value)
+    return shown if bare else f"{flag} {shown}"
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, stats: FeatureStats | None = None) -> Decoder:

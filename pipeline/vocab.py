@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -14,13 +17,56 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 
-_TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)*|[^\w\s]|_")
+_TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)*|[^\w\s]|_")  # ASCII text: nothing else to take care of
 _NO_SPACE_BEFORE = {".", ",", "!", "?", ";", ":", "'s", ")", "%"}
+# Invisible characters that carry nothing a caption means, removed before tokenising: soft hyphen, zero-width
+# space, direction marks and embeddings, word joiner and invisible operators, byte-order mark, variation
+# selectors (an emoji with U+FE0F is the same emoji), tag characters.
+_INVISIBLE = dict.fromkeys(
+    [0x00AD, 0x180E, 0x200B, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2060, 0x2070), 0xFEFF,
+     *range(0xFE00, 0xFE10), *range(0xE0000, 0xE0080), *range(0xE0100, 0xE01F0)]
+)  # fmt: skip
+_JOINERS = "\u200c\u200d"  # zero-width (non-)joiners: part of a word or emoji sequence, nothing alone
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercase, split punctuation off words: "A dog's toy." -> ["a", "dog's", "toy", "."]."""
-    return _TOKEN.findall(text.lower())
+    """Lowercase, split punctuation off words: "A dog's toy." -> ["a", "dog's", "toy", "."].
+
+    Text is compared in Unicode NFC (`café` typed precomposed or as `e` + U+0301 is one word). Combining marks
+    stay with the letter or symbol they follow (Devanagari vowel signs, accents NFC cannot compose), joiners
+    with the word or emoji sequence they join; on their own they are dropped: no token is only combining or
+    zero-width characters."""
+    if text.isascii():
+        return _TOKEN.findall(text.lower())
+    text = unicodedata.normalize("NFC", text.translate(_INVISIBLE).lower())
+    return _unicode_token().findall(text)
+
+
+@functools.cache
+def _unicode_token() -> re.Pattern:
+    """The tokeniser for text beyond ASCII (built once: the class of combining marks takes ~0.2 s)."""
+    marks = _char_class(lambda c: unicodedata.category(c).startswith("M"))
+    letter = r"[^\W_]"
+    piece = rf"{letter}(?:{letter}|[{marks}]|[{_JOINERS}](?={letter}))*"
+    word = rf"{piece}(?:['’]{piece})*"
+    symbol = rf"[^\w\s{marks}{_JOINERS}]"
+    # an emoji with its skin-tone modifier, or a ZWJ sequence (family, profession...), is one token; so is a flag
+    emoji = rf"[\U0001F1E6-\U0001F1FF]{{2}}|{symbol}(?:[{marks}]|[\U0001F3FB-\U0001F3FF]|\u200d{symbol})*"
+    return re.compile(rf"{word}|{emoji}|_")
+
+
+def _char_class(test) -> str:
+    """The body of a regex character class of the code points for which `test(char)` holds, as ranges."""
+    ranges, start = [], None
+    for cp in range(sys.maxunicode + 2):
+        inside = cp <= sys.maxunicode and test(chr(cp))
+        if inside and start is None:
+            start = cp
+        elif not inside and start is not None:
+            first, last = re.escape(chr(start)), re.escape(chr(cp - 1))
+            ranges.append(f"{first}-{last}" if cp - 1 > start else first)
+            start = None
+    return "".join(ranges)
 
 
 def detokenize(tokens: Iterable[str]) -> str:

@@ -27,7 +27,8 @@ def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, or skip the test when it is not there."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data not available: {path}")
+        pytest.skip(f"needs the real data of ../shared/data, which is not next to this checkout (a fresh clone has "
+                    f"none): {path} is absent")
     return path
 
 

@@ -17,7 +17,10 @@ try:
     HAVE_GENSIM = True
 except ImportError:
     HAVE_GENSIM = False
-needs_gensim = pytest.mark.skipif(not HAVE_GENSIM, reason=f"gensim is not installed (optional extra: {INSTALL})")
+needs_gensim = pytest.mark.skipif(
+    not HAVE_GENSIM,
+    reason=f"gensim is not installed: `uv sync` installs it with the dev group (for users an extra: {INSTALL})",
+)
 
 
 def write_vectors(path: Path, words: list[str], vectors: np.ndarray, fmt: str, count: int | None = None) -> Path:

@@ -77,13 +77,43 @@ def test_fit_passes_every_option(calls):
         min_word_count=2, captions_per_image=4, grad_clip=1.5, lr_step=10, lr_gamma=0.5, decoder="tiny",
         init_from_features=True, dropout=0.2, gate=True, attention_penalty=1.0, val_decode_images=50, amp=True,
         compile=True, finetune="layer4", encoder_lr=0.0005, finetune_after=2,
+        typed=("amp", "attention_penalty", "batch_size", "captions_per_image", "compile", "decoder", "device",
+               "dropout", "encoder_lr", "epochs", "finetune", "finetune_after", "gate", "grad_clip",
+               "init_from_features", "lr", "lr_gamma", "lr_step", "min_word_count", "out", "resume", "seed",
+               "store", "val_decode_images"),
     )  # fmt: skip
     assert calls == [("fit", expected)]
     _invoke("fit", "--no-amp")
-    assert calls[-1] == ("fit", TrainConfig(amp=False))
+    assert calls[-1] == ("fit", TrainConfig(amp=False, typed=("amp",)))
+    _invoke("fit", "--lr", "0.001")  # typed, though it is the default: with --resume it must agree with last.pt
+    assert calls[-1] == ("fit", TrainConfig(typed=("lr",)))
     assert TrainConfig().finetune is None and TrainConfig().encoder_lr == 1e-4 and TrainConfig().finetune_after == 0
     result = CliRunner().invoke(app, ["fit", "--finetune", "layer3"])  # only layer4 is fine-tuned
-    assert result.exit_code == 2 and len(calls) == 2
+    assert result.exit_code == 2 and len(calls) == 3
+
+
+def test_out_of_gpu_memory_is_one_line_without_torchs_advice(monkeypatch):
+    """torch's message is one long line that ends in advice for programmers (PYTORCH_CUDA_ALLOC_CONF=...)."""
+    import torch
+
+    import pipeline.train
+
+    message = (
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.02 GiB "
+        "is free. Of the allocated memory 76.1 GiB is allocated by PyTorch. If reserved but unallocated memory is "
+        "large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See "
+        "documentation for Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)"
+    )
+
+    def fit(cfg):
+        raise torch.cuda.OutOfMemoryError(message)
+
+    monkeypatch.setattr(pipeline.train, "fit", fit)
+    result = CliRunner().invoke(app, ["fit"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "error: out of GPU memory (tried to allocate 2.00 GiB; the GPU holds 79.19 GiB): try a smaller --batch-size"
+    ]
 
 
 def test_evaluate_config_and_printed_table(calls):

@@ -6,6 +6,8 @@ import gzip
 import json
 import os
 import random
+import shutil
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +29,7 @@ OUTSIDE = "names outside the images folder (rejected)"
 MISSING = "captioned images missing on disk"
 UNCAPTIONED = "images on disk with no caption (not extracted)"
 UNLISTED = "images in no official split file (counted as train)"
+MALFORMED = "malformed caption rows"
 
 
 def touch(folder: Path, names) -> None:
@@ -189,6 +192,69 @@ def test_flickr8k_token_with_official_splits_and_stray_jpg_1_entry(tmp_path):
     assert cs.problems[UNLISTED] == 1
     assert all(len(c) == 5 for c in cs.captions)
     assert not any("captions (kept)" in k for k in cs.problems)
+
+
+def test_a_real_x_jpg_1_on_disk_is_not_renamed(tmp_path):
+    """`x.jpg.1` was "repaired" to `x.jpg` even when a file `x.jpg.1` exists, and then counted missing. Only a
+    name that is not on disk, and whose `x.jpg` is, is repaired; a split file's `y.jpg` still applies to it."""
+    root = tmp_path / "f8k"
+    touch(root, ["x.jpg.1", "x.jpg", "y.jpg"])
+    rows = [("x.jpg.1", 0, "the file called x.jpg.1"), ("x.jpg", 0, "the file called x.jpg")]
+    rows += [("y.jpg.1", 0, "a stray entry of y.jpg"), ("y.jpg", 1, "y caption")]
+    (root / "Flickr8k.token.txt").write_text(token_lines(rows), encoding="utf-8")
+    (root / "Flickr_8k.testImages.txt").write_text("y.jpg\n")
+    imgs = by_image(read_captions(root))
+    assert imgs == {
+        "x.jpg": (["the file called x.jpg"], "train"),
+        "x.jpg.1": (["the file called x.jpg.1"], "train"),
+        "y.jpg": (["a stray entry of y.jpg", "y caption"], "test"),
+    }
+    cs = read_captions(root)
+    assert cs.problems[REPAIRED_NAME] == 1 and cs.problems[MISSING] == 0 and cs.problems[UNCAPTIONED] == 0
+
+
+def test_names_with_the_layouts_separator_inside(tmp_path):
+    """`a#b.jpg#0<TAB>...` was dropped as malformed (Flickr8k's separator is the last `#`), a split file's
+    `my photo.jpg` was read as two names, a `--captions` file starting `my photo.jpg#0<TAB>` was not recognised,
+    and Kaggle's results.csv dropped `a|b.jpg| 0| ...`."""
+    root = tmp_path / "f8k"
+    touch(root, ["a#b.jpg", "my photo.jpg", "c.jpg"])
+    rows = [("my photo.jpg", 0, "a photo with a space"), ("a#b.jpg", 0, "the #1 hash"), ("c.jpg", 0, "C #2 tab")]
+    tokens = root / "tokens.txt"  # given with --captions: recognised by its first line
+    tokens.write_text(token_lines(rows), encoding="utf-8")
+    (root / "Flickr_8k.devImages.txt").write_text("my photo.jpg\na#b.jpg\n")
+    shutil.copy(tokens, root / "Flickr8k.token.txt")
+    for cs in (read_captions(root), read_captions(root, tokens)):
+        assert by_image(cs)["a#b.jpg"] == (["the #1 hash"], "val")
+        assert by_image(cs)["my photo.jpg"] == (["a photo with a space"], "val")
+        assert by_image(cs)["c.jpg"] == (["C #2 tab"], "train")
+        assert cs.layout == "flickr8k-token" and not cs.problems[MALFORMED]
+    kaggle = tmp_path / "k30k"
+    touch(kaggle, ["a|b.jpg", "c.jpg"])
+    (kaggle / "results.csv").write_text("image_name| comment_number| comment\na|b.jpg| 0| A pipe | in it .\n"
+                                        "c.jpg| 0| C .\n")  # fmt: skip
+    cs = read_captions(kaggle)
+    assert by_image(cs) == {
+        "a|b.jpg": (["A pipe | in it ."], hash_split("a|b.jpg")),
+        "c.jpg": (["C ."], hash_split("c.jpg")),
+    }
+
+
+def test_names_and_captions_are_compared_in_nfc(tmp_path):
+    """An image stored as NFD `résumé.jpg` but listed in NFC was reported both missing and uncaptioned; an image
+    listed once in NFC and once in NFD was two images. Names match in NFC, the store keeps the name as it is on
+    disk (so that it opens), and captions are kept in NFC."""
+    nfc = "résumé.jpg"
+    nfd = unicodedata.normalize("NFD", nfc)
+    root = tmp_path / "imgs"
+    touch(root, [nfd, "café.jpg"])
+    rows = [(nfc, 0, "un café"), (nfd, 1, unicodedata.normalize("NFD", "un café noir")), ("café.jpg", 0, "x")]
+    (root / "Flickr8k.token.txt").write_text(token_lines(rows), encoding="utf-8")
+    (root / "Flickr_8k.testImages.txt").write_text(unicodedata.normalize("NFD", "café.jpg") + "\n" + nfc + "\n")
+    cs = read_captions(root)
+    assert by_image(cs) == {nfd: (["un café", "un café noir"], "test"), "café.jpg": (["x"], "test")}
+    assert cs.problems[MISSING] == 0 and cs.problems[UNCAPTIONED] == 0
+    assert hash_split(nfd) == hash_split(nfc)
 
 
 def test_flickr8k_token_one_folder_down_with_images_in_a_sibling(tmp_path):
@@ -356,7 +422,7 @@ def test_symlinked_images_inside_the_images_folder_are_followed(tmp_path):
             (root / n).symlink_to(real / n)
         (root / "more").symlink_to(real, target_is_directory=True)
     except (OSError, NotImplementedError):
-        pytest.skip("symlinks not supported here")
+        pytest.skip("this file system does not support symlinks")
     (root / "Flickr8k.token.txt").write_text(token_lines([("a.jpg", 0, "A"), ("b.jpg", 0, "B")]))
     cs = read_captions(root)
     assert cs.images == ["a.jpg", "b.jpg"]
@@ -423,10 +489,10 @@ def test_real_flickr8k_token_file(tmp_path, real_data):
     assert Counter(cs.splits) == {"train": 6000 + 91, "val": 1000, "test": 1000}
     assert sum(map(len, cs.captions)) == 40455
 
-    entries = read_flickr8k_token(token, Counter())
-    assert len(entries) == 8092
-    assert entries["2258277193_586949ec62.jpg"].captions[0] == "people waiting for the subway"
-    assert len(entries["2258277193_586949ec62.jpg"].captions) == 5
+    entries = read_flickr8k_token(token, Counter())  # names as written: the stray one is repaired against the disk
+    assert len(entries) == 8093
+    assert entries["2258277193_586949ec62.jpg.1"].captions == ["people waiting for the subway"]
+    assert len(entries["2258277193_586949ec62.jpg"].captions) == 4
 
 
 def test_real_kaggle_flickr8k_captions_txt(tmp_path, real_data):

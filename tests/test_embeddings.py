@@ -3,7 +3,7 @@ train captions, and files that are not what they claim (each one clear UserError
 
 The vectors files are written here byte by byte as the word2vec C tool and GloVe write them, not with gensim's
 writer, so that the loader is tested against the formats rather than against itself. Tests that need gensim
-skip without it (it is an optional extra: `uv sync --extra word2vec`).
+skip without it (it comes with the dev group, so `uv run pytest` has it; for users it is an optional extra).
 """
 
 from __future__ import annotations
@@ -92,6 +92,67 @@ def test_a_file_of_another_dimension_is_refused(tmp_path):
         path = write_vectors(tmp_path / name, COVERED, _vectors(COVERED, dim=4), fmt)
         with pytest.raises(UserError, match="4-dimensional vectors, but the embedding size is 6"):
             load_vectors(path, VOCAB, DIM)
+
+
+@needs_gensim
+@pytest.mark.parametrize("fmt", ["binary", "text", "glove"])
+def test_compression_comes_from_the_content_not_the_name(tmp_path, fmt):
+    """gzip content named .txt was "not a vectors file"; plain text named .gz gave BadGzipFile, and a .bz2 name
+    `OSError: Invalid data stream`. gzip, bz2 and xz are recognised by their first bytes, as the format is."""
+    import bz2
+    import gzip
+    import lzma
+
+    vectors = _vectors(COVERED)
+    plain = write_vectors(tmp_path / "plain", COVERED, vectors, fmt).read_bytes()
+    contents = {"gzip": gzip.compress(plain), "bz2": bz2.compress(plain), "xz": lzma.compress(plain), "none": plain}
+    for kind, data in contents.items():
+        for name in ("v.txt", "v.gz", "v.bz2", "v.xz", "v"):
+            path = tmp_path / f"{kind}-{name}"
+            path.write_bytes(data)
+            assert sniff(path)[0] == fmt, path
+            result = load_vectors(path, VOCAB, DIM)
+            assert result.found == len(COVERED), path
+            np.testing.assert_allclose(result.matrix[VOCAB.stoi["red"]], vectors[1], atol=1e-6)
+
+
+@needs_gensim
+def test_a_line_with_too_few_values_names_its_line_and_word(tmp_path):
+    """A GloVe line with 5 values of 6 printed numpy's "could not broadcast input array from shape (5,)"."""
+    vectors = _vectors(COVERED)
+    for fmt, line in (("glove", 3), ("text", 4)):  # the header is line 1 of a word2vec text file
+        text = write_vectors(tmp_path / f"ok.{fmt}", COVERED, vectors, fmt).read_text().splitlines(keepends=True)
+        text[line - 1] = "circle 0.1 0.2 0.3 0.4 0.5\n"
+        path = tmp_path / f"bad.{fmt}"
+        path.write_text("".join(text))
+        with pytest.raises(UserError) as err:
+            load_vectors(path, VOCAB, DIM)
+        message = str(err.value)
+        assert f"line {line} ('circle') holds 5 values, not 6" in message and "broadcast" not in message, message
+
+
+@needs_gensim
+@pytest.mark.parametrize("fmt", ["binary", "text"])
+def test_a_header_that_announces_fewer_vectors_than_the_file_holds_is_a_warning(tmp_path, fmt, capsys):
+    vectors = _vectors(COVERED)
+    path = write_vectors(tmp_path / "v.gz", COVERED, vectors, fmt, count=3)
+    result = load_vectors(path, VOCAB, DIM)
+    assert result.found == 3  # what the header says is read, as gensim reads it
+    assert "its header announces 3 vectors, but it holds more: only the first 3 are read" in capsys.readouterr().err
+    load_vectors(write_vectors(tmp_path / "w.bin", COVERED, vectors, fmt), VOCAB, DIM)
+    assert "warning" not in capsys.readouterr().err
+
+
+@needs_gensim
+def test_a_files_words_are_compared_in_nfc(tmp_path):
+    import unicodedata
+
+    vocab = Vocabulary.build(["un café noir"], 1)
+    words = [unicodedata.normalize("NFD", "Café"), "noir"]  # an NFD, capitalised word finds `café`
+    vectors = _vectors(words)
+    result = load_vectors(write_vectors(tmp_path / "v.txt", words, vectors, "text"), vocab, DIM)
+    np.testing.assert_allclose(result.matrix[vocab.stoi["café"]], vectors[0], atol=1e-6)
+    assert result.found == 2
 
 
 def _garbage(tmp_path: Path) -> dict[str, Path]:

@@ -95,6 +95,22 @@ def test_second_writer_is_refused_with_the_holders_pid(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_users_lock_file_is_never_taken_for_ours(tmp_path):
+    """`OUT/.lock` of another tool (`fit --out` and `demo --out` lock OUT with that name) was truncated, filled
+    with our pid, then deleted. A lock file holding anything but a pid is refused and left as it is; one left by
+    a killed run of ours (a pid, or empty) is reused."""
+    for content in ("another tool's lock\n", "12345 held by someone else"):
+        (tmp_path / ".lock").write_text(content)
+        with pytest.raises(UserError, match="not a lock file of captioner"), exclusive(tmp_path, "--out"):
+            pass
+        assert (tmp_path / ".lock").read_text() == content
+    for stale in ("999999999", ""):
+        (tmp_path / ".lock").write_text(stale)
+        with exclusive(tmp_path, "--out"):
+            assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        assert not (tmp_path / ".lock").exists()
+
+
 def test_lock_is_released_on_ctrl_c(tmp_path):
     holder = _hold_lock(tmp_path / "run")
     holder.send_signal(signal.SIGINT)

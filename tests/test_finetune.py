@@ -186,6 +186,11 @@ def test_layer3_store_without_finetune_runs_a_frozen_layer4(l3store, seeded, tmp
     assert len(last["optimizer"]["param_groups"]) == 1
     model, _ = checkpoint.build_model(checkpoint.load(out / "model.pt"), out / "model.pt", "layer3")
     _assert_same_weights(model.encoder.state_dict(), seeded[2].state_dict())
+    # `--resume --finetune layer4` used to continue frozen, then say "--finetune is not given"
+    before = (out / "last.pt").read_bytes()
+    result = cli(*_fit_args(l3store.path, out, "--epochs", "2", "--resume", "--finetune", "layer4"), code=1)
+    assert "--finetune layer4 (last.pt: none)" in _error_line(result)
+    assert (out / "last.pt").read_bytes() == before
 
 
 def test_finetune_on_a_layer4_store_is_refused_with_how_to_make_a_layer3_store(tmp_path, cli):

@@ -355,7 +355,8 @@ def test_sigkill_at_random_moments_then_rerun_ends_like_an_uninterrupted_run(
             _, err = proc.communicate(timeout=30)
         assert proc.returncode in (-signal.SIGKILL, 0), err.decode()
         _files_open(out)
-    cli(*_fit_args(store20.path, out, "--epochs", epochs, *(("--resume",) if (out / "last.pt").exists() else ())))
+    resume = ("--resume",) if (out / "last.pt").exists() else ()
+    cli(*_fit_args(store20.path, out, "--epochs", epochs, *RESUMED_ARGS, *resume, val_decode=2))  # the same command
     _assert_same_run(uninterrupted, out)
     assert not list(out.glob(".*.tmp-*"))
 
@@ -441,6 +442,20 @@ def test_resume_on_an_identical_store_copy_is_accepted(store20, trained_copy, tm
     copy = tmp_path / "copy.h5"
     shutil.copyfile(store20.path, copy)
     cli(*_fit_args(copy, trained_copy, "--epochs", "2", "--resume"))
+    assert _load(trained_copy / "last.pt")["epoch"] == 2
+
+
+def test_resume_refuses_typed_options_that_last_pt_decides(store20, trained_copy, cli):
+    """`--resume --decoder report --lr 5` on a tiny run at --lr 0.01 used to continue the tiny run at 0.01 without
+    a word: each typed option that last.pt decides is named with last.pt's value, and nothing is written."""
+    before = _snapshot(trained_copy)
+    args = ["fit", "--store", store20.path, "--out", trained_copy, "--epochs", "2", "--resume", "--device", "cpu"]
+    line = _error_line(cli(*args, "--decoder", "report", "--lr", "5", "--gate", code=1))
+    assert "--decoder report (last.pt: tiny)" in line and "--lr 5.0 (last.pt: 0.01)" in line
+    assert "--gate (last.pt: --no-gate)" in line and "--epochs" not in line and "--device" not in line
+    assert _snapshot(trained_copy) == before
+    # the same values as last.pt's are accepted, and the schedule options (--epochs, --device) are honoured
+    cli(*args, "--decoder", "tiny", "--lr", "0.01", "--no-gate")
     assert _load(trained_copy / "last.pt")["epoch"] == 2
 
 

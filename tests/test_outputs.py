@@ -87,7 +87,10 @@ def _reference_scores(use_ptb: bool) -> dict:
     return out
 
 
-@pytest.mark.skipif(not metrics.java_available(), reason="Java is not installed")
+@pytest.mark.skipif(
+    not metrics.java_available(),
+    reason="no working Java: METEOR and the PTB tokenizer run on it (Debian: apt-get install default-jre-headless)",
+)
 def test_scores_equal_pycocoevalcap_with_java():
     ours = metrics.score(CANDIDATES, REFERENCES)
     assert ours["tokenizer"] == "ptb"
@@ -109,6 +112,17 @@ def test_scores_without_java_leave_meteor_out_and_say_so(monkeypatch):
 
 def test_simple_tokenizer_drops_ptb_punctuation():
     assert metrics.simple_tokenize("A dog, running... Fast!") == "a dog running fast"
+
+
+def test_scores_compare_captions_in_nfc(monkeypatch):
+    """A reference stored in NFD (`cafe` + U+0301) is the same word as the model's NFC `café`."""
+    import unicodedata
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    refs = [[unicodedata.normalize("NFD", "un café à côté de la gare")]]
+    ours = metrics.score(["un café à côté de la gare"], refs)
+    assert ours["BLEU-4"] == pytest.approx(1.0)
+    assert metrics.simple_tokenize(refs[0][0]) == "un café à côté de la gare"
 
 
 def test_identical_captions_score_higher_than_unrelated(monkeypatch):
@@ -200,7 +214,9 @@ def test_generate_folder_json_lines(trained, tmp_path):
     assert all(set(d) == {"image", "caption"} and d["caption"] and "<" not in d["caption"] for d in lines)
 
 
-@pytest.mark.skipif(not PHOTOS.is_dir(), reason="../shared/data/photos is absent")
+@pytest.mark.skipif(
+    not PHOTOS.is_dir(), reason="needs the real photos of ../shared/data/photos, not next to this checkout"
+)
 def test_generate_real_photo_with_attention_figure(trained, tmp_path):
     photo = sorted(PHOTOS.glob("*.jpg"))[0]
     fig = tmp_path / "att.png"
@@ -220,7 +236,8 @@ def test_generate_real_photo_with_attention_figure(trained, tmp_path):
         ]
     )
     assert result.exit_code == 0, result.output
-    caption = result.stdout.strip().splitlines()[-1].split(": ", 1)[1]
+    caption, figure = result.stdout.strip().splitlines()[-1].split(": ", 1)[1].rsplit("  (attention figure: ", 1)
+    assert figure == f"{fig})"
     words = caption.replace(".", " .").replace(",", " ,").split()
     panels = 1 + len(words)
     cols, rows = min(panels, 5), math.ceil(panels / 5)

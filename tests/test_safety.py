@@ -71,9 +71,10 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(store, tmp_path_factory) -> Path:
-    """OUT of a 1-epoch tiny fit: model.pt, last.pt, metrics.jsonl, curves.png."""
+    """OUT of a 1-epoch tiny fit (the settings of FIT, so that `_fit(..., "--resume")` continues it): model.pt,
+    last.pt, metrics.jsonl, curves.png."""
     out = tmp_path_factory.mktemp("trained") / "out"
-    fit(TrainConfig(store=str(store), out=str(out), epochs=1, batch_size=7, device="cpu", min_word_count=1,
+    fit(TrainConfig(store=str(store), out=str(out), epochs=1, batch_size=7, lr=0.01, device="cpu", min_word_count=1,
                     val_decode_images=0, decoder="tiny"))  # fmt: skip
     return out
 
@@ -130,7 +131,7 @@ def test_demo_refuses_folders_it_did_not_make(tmp_path, cli, monkeypatch):
 
 def test_demo_folder_is_cleared_of_its_own_files_only(tmp_path, make_images):
     out = tmp_path / "demo"
-    with claim_folder(out):  # a new folder: made and marked
+    with claim_folder(out, ["images/shape_00000.jpg"]):  # a new folder: made, marked, and what it draws recorded
         pass
     assert (out / MARKER).is_file()
     make_images(out / "images", ["shape_00000.jpg", "holiday.jpg"])
@@ -141,6 +142,31 @@ def test_demo_folder_is_cleared_of_its_own_files_only(tmp_path, make_images):
         assert sorted(p.name for p in out.iterdir()) == [".captioner-demo", ".lock", "images", "notes.txt"]
         assert [p.name for p in (out / "images").iterdir()] == ["holiday.jpg"]
     assert (out / "notes.txt").read_text() == "mine" and not (out / ".lock").exists()
+
+
+def test_a_demo_rerun_deletes_only_the_images_it_recorded(tmp_path, make_images, monkeypatch):
+    """A rerun deleted every file named like the demo's images: a user's images/shape_99999.jpg in a 20-image
+    demo folder. Now it deletes what the earlier demo recorded drawing, and refuses to draw over a user's file."""
+    import pipeline.demo
+    from pipeline.config import DemoConfig
+
+    def draw_only(cfg: DemoConfig) -> dict:  # the demo's stages after the drawing are not what is tested here
+        pipeline.demo.make_dataset(cfg.out, cfg.images, size=32)
+        return {}
+
+    monkeypatch.setattr(pipeline.demo, "_run", draw_only)
+    out = tmp_path / "demo"
+    pipeline.demo.demo(DemoConfig(out=out, images=20))
+    (mine,) = make_images(out / "images", ["shape_99999.jpg"])
+    before = mine.read_bytes()
+    (out / "images" / "shape_00019.jpg").unlink()  # drawn again by the rerun all the same
+    pipeline.demo.demo(DemoConfig(out=out, images=20))
+    assert mine.read_bytes() == before
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"shape_{i:05d}.jpg" for i in (*range(20), 99999)]
+    (theirs,) = make_images(out / "images", ["shape_00020.jpg"])  # a 21-image demo would draw over it
+    with pytest.raises(UserError, match="images/shape_00020.jpg"):
+        pipeline.demo.demo(DemoConfig(out=out, images=21))
+    assert theirs.is_file() and mine.is_file()
 
 
 def test_a_second_demo_on_one_folder_is_refused(tmp_path, cli):
@@ -397,6 +423,37 @@ def test_evaluate_and_generate_refuse_a_hostile_model(store, trained, tmp_path, 
     _error_line(cli("generate", "--image", photos[0], "--model", model, "--device", "cpu", code=1))
 
 
+def _foreign_files(tmp_path: Path, store: Path) -> dict[str, tuple[Path, str]]:
+    """Files a user may give where a checkpoint or weights file is expected, and what the error line calls them."""
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, a text file\n")
+    module = tmp_path / "whole_model.pt"
+    torch.save(torch.nn.Linear(2, 2), module)  # a pickled module, not a state_dict: loading it would run code
+    pickled = tmp_path / "data.pkl"
+    pickled.write_bytes(pickle.dumps({"format": 1, "code": Path("x")}))
+    return {"HDF5": (store, "an HDF5 file"), "text": (text, "a text file"), "module": (module, "Python objects"),
+            "pickle": (pickled, "Python objects")}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["HDF5", "text", "module", "pickle"])
+def test_a_file_that_is_not_a_checkpoint_or_weights_says_what_it_is(store, trained, tmp_path, photos, flickr8k_dir,
+                                                                    cli, kind):  # fmt: skip
+    """An HDF5 file as --model (generate, serve) printed torch's advice to re-run with `weights_only=False`, which
+    can run arbitrary code; a text file as --model or --weights printed `KeyError: 101`."""
+    path, called = _foreign_files(tmp_path, store)[kind]
+    runs = {
+        "generate": (("generate", "--image", photos[0], "--model", path, "--device", "cpu"), "a checkpoint"),
+        "serve": (("serve", "--model", path, "--port", "0", "--device", "cpu"), "a checkpoint"),
+        "extract": (("extract", "--images", flickr8k_dir, "--store", tmp_path / "s.h5", "--weights", path),
+                    "a ResNet50 state_dict"),
+    }  # fmt: skip
+    for args, expected in runs.values():
+        line = _error_line(cli(*args, code=1))
+        assert str(path) in line and called in line and expected in line, line
+        for advice in ("weights_only", "arbitrary code", "KeyError", "UnpicklingError", "Re-running"):
+            assert advice not in line, line
+
+
 # -- evaluate ----------------------------------------------------------------------------------------------------
 
 
@@ -486,6 +543,20 @@ def test_generate_attention_replaces_only_its_own_figures(trained, photos, tmp_p
         assert ".png" in _error_line(result)
 
 
+def test_generate_never_takes_fits_curves_for_its_own_figure(trained, photos, tmp_path, cli, make_images):
+    """fit's curves.png and generate's figures used to carry one PNG mark, so `--attention RUN/curves.png`, or
+    `--attention RUN` with an image named curves.jpg, replaced the curves with exit 0."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained / "curves.png", run / "curves.png")
+    before = (run / "curves.png").read_bytes()
+    (curves_photo,) = make_images(tmp_path / "mine", ["curves.jpg"])
+    for image, target in ((photos[0], run / "curves.png"), (curves_photo, run)):
+        result = cli(*_generate(trained, "--image", image, "--attention", target), code=1)
+        assert "curves.png exists and is not an attention figure that generate wrote" in _error_line(result)
+        assert (run / "curves.png").read_bytes() == before
+
+
 def test_generate_attention_into_a_folder_and_again(trained, photos, tmp_path, cli):
     """`--attention DIR/` (a path ending in /) or `--attention DIR` (an existing folder): one figure per image
     inside it. A rerun replaces generate's own figures."""
@@ -494,17 +565,38 @@ def test_generate_attention_into_a_folder_and_again(trained, photos, tmp_path, c
         assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["a.png", "b.png"]
 
 
+def test_generate_says_which_figure_is_whose_and_never_writes_one_twice(trained, tmp_path, cli, make_images):
+    """`--attention DIR` with a.jpg, a.png and a_1.jpg wrote a.png, a_1.png and a_1_2.png without saying which
+    was whose; and with a.jpg, a_2.jpg, a.png (in that order) a_2.jpg's and a.png's figures were one file."""
+    photos = make_images(tmp_path / "photos", ["a.jpg", "a_2.jpg", "a.png", "a_1.jpg"])
+    figs = tmp_path / "figs"
+    args = [a for p in photos for a in ("--image", p)]
+    for extra in ((), ("--json",)):
+        result = cli(*_generate(trained, *args, "--attention", f"{figs}{os.sep}", *extra))
+        lines = result.stdout.splitlines()
+        if extra:
+            shown = [(json.loads(line)["image"], json.loads(line)["attention"]) for line in lines]
+        else:
+            shown = [(line.split(": ", 1)[0], line.rsplit("(attention figure: ", 1)[1].rstrip(")")) for line in lines]
+        assert [image for image, _ in shown] == [str(p) for p in photos]
+        assert len({figure for _, figure in shown}) == 4 and all(Path(f).parent == figs for _, f in shown)
+        assert sorted(p.name for p in figs.iterdir()) == sorted(Path(f).name for _, f in shown)
+
+
 def test_generate_attention_that_cannot_be_written(trained, photos, tmp_path, cli, subprocess_env):
     """Up front when its folder cannot be made; on a full disk, the caption is printed, then the error."""
     afile = tmp_path / "file"
     afile.write_text("mine")
     result = cli(*_generate(trained, "--image", photos[0], "--attention", afile / "att.png"), code=1)
     assert "--attention" in _error_line(result)
+    # no bytecode written under the limit: run before any other subprocess had filled the session's bytecode
+    # cache, the command wrote .pyc files under it and ended in "Aborted." before captioning
+    env = {**subprocess_env, "PYTHONDONTWRITEBYTECODE": "1"}
     proc = _popen([str(a) for a in _generate(trained, "--image", photos[0], "--attention", tmp_path / "att.png")],
-                  subprocess_env, preexec_fn=_limit_file_size(20_000))  # fmt: skip
+                  env, preexec_fn=_limit_file_size(20_000))  # fmt: skip
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
-    assert out.startswith(f"{photos[0]}:")  # the caption (this 1-epoch model's may be empty)
+    assert out.startswith(f"{photos[0]}:"), err  # the caption (this 1-epoch model's may be empty)
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and lines[-1].startswith("error: cannot write"), err
     assert _temps(tmp_path) == [] and not (tmp_path / "att.png").exists()

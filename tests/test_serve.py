@@ -194,6 +194,9 @@ def test_hostile_files_get_a_4xx_and_one_line(client, jpeg):
 
 def test_bad_requests_get_a_4xx_and_one_line(client, jpeg):
     _bad(client.post("/api/caption", files={"beam_size": (None, "3")}), 400, "no image")
+    # `image` sent as a plain form field (no file name), holding text: no image (it was 415, "not a JPEG")
+    _bad(client.post("/api/caption", files={"image": (None, "photo.jpg"), "beam_size": (None, "3")}), 400, "no image")
+    assert client.post("/api/caption", files={"image": (None, jpeg)}).status_code == 200  # a plain field, a JPEG
     _bad(client.post("/api/caption", json={"image": "x"}), 400, "multipart/form-data")
     for beam in ("0", "11", "abc", "-1"):
         _bad(post(client, jpeg, beam_size=beam), 400, "beam_size")

@@ -27,6 +27,26 @@ def test_tokenize_lowercases_and_splits_punctuation():
     assert tokenize("") == []
 
 
+def test_tokens_are_nfc_and_never_only_combining_or_zero_width():
+    """A caption typed half in NFC, half in NFD gave `café` and `cafe` + a lone U+0301 token; an emoji's variation
+    selector left an invisible U+FE0F token, and ZWJ sequences U+200D tokens."""
+    import unicodedata
+
+    nfc, nfd = "un café à côté", unicodedata.normalize("NFD", "Un CAFÉ à côté")
+    assert tokenize(nfd) == tokenize(nfc) == ["un", "café", "à", "côté"]
+    v = Vocabulary.build([nfc, nfd], min_count=1)
+    assert v.itos[4:] == ["café", "côté", "un", "à"]  # each word once, seen twice
+    assert v.encode(nfd) == v.encode(nfc) and UNK_ID not in v.encode(nfd)
+    family, thumbs = "\U0001F468\u200d\U0001F469\u200d\U0001F467", "\U0001F44D\ufe0f"
+    tokens = tokenize(f"a {thumbs} for the {family} , q\u0301 \u0301 \u200b\u200d x\u200d")
+    assert tokens == ["a", "\U0001F44D", "for", "the", family, ",", "q\u0301", "x"]
+    assert tokenize("\U0001F44D") == tokenize(thumbs)  # with or without the emoji presentation selector
+    assert tokenize("हिंदी में") == ["हिंदी", "में"]  # vowel signs are combining marks: words stay whole
+    assert tokenize("می\u200cخواهم") == ["می\u200cخواهم"]  # a joiner inside a word is part of it
+    for token in tokens + tokenize("\u0301\u0300 \ufe0f \u200d \u200c \u2060 \ufeff"):
+        assert any(not unicodedata.category(c).startswith(("M", "C")) for c in token), repr(token)
+
+
 def test_special_token_ids():
     v = Vocabulary.build(["a dog runs ."], min_count=1)
     assert (PAD_ID, START_ID, END_ID, UNK_ID) == (0, 1, 2, 3)
