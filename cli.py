@@ -50,6 +50,12 @@ class Layer(str, Enum):
     layer3 = "layer3"
 
 
+class FeatureNorm(str, Enum):
+    channel = "channel"
+    rms = "rms"
+    none = "none"
+
+
 class Finetune(str, Enum):
     layer4 = "layer4"
 
@@ -241,6 +247,13 @@ def fit(
     attention_penalty: Annotated[
         float, typer.Option(min=0, help="SAT: doubly stochastic penalty weight.")
     ] = T.attention_penalty,
+    feature_norm: Annotated[
+        FeatureNorm,
+        typer.Option(
+            help="Input features: each channel standardised (channel), all scaled to RMS 1 (rms), or raw (none, "
+            "the report's); statistics of the train split, kept in the checkpoint."
+        ),
+    ] = FeatureNorm(T.feature_norm),
     val_decode_images: Annotated[
         int, typer.Option(min=0, help="Val images decoded for CIDEr-D (0: choose by loss).")
     ] = T.val_decode_images,
@@ -290,6 +303,7 @@ def fit(
         dropout=dropout,
         gate=gate,
         attention_penalty=attention_penalty,
+        feature_norm=feature_norm.value,
         val_decode_images=val_decode_images,
         amp=amp,
         compile=compile,
