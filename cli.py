@@ -23,7 +23,9 @@ import typer
 from pipeline.config import MAX_BEAM_SIZE
 from pipeline.config import DemoConfig as D
 from pipeline.config import EvaluateConfig as E
+from pipeline.config import ExtractConfig as X
 from pipeline.config import GenerateConfig as G
+from pipeline.config import ServeConfig as S
 from pipeline.config import TrainConfig as T
 from pipeline.errors import UserError, describe
 
@@ -167,21 +169,23 @@ def _fit_interrupted(out: Path) -> Callable[[], str]:
 @app.command()
 def extract(
     images: Annotated[Path, typer.Option(help="Folder of images (captions file inside it or one folder down).")],
-    captions: Annotated[Path | None, typer.Option(help="Captions file, when it is not found in --images.")] = None,
-    store: Annotated[Path, typer.Option(help="HDF5 feature store to write.")] = Path("cache/features.h5"),
+    captions: Annotated[
+        Path | None, typer.Option(help="Captions file, when it is not found in --images.")
+    ] = X.captions,
+    store: Annotated[Path, typer.Option(help="HDF5 feature store to write.")] = X.store,
     weights: Annotated[
         str, typer.Option(help="IMAGENET1K_V1, IMAGENET1K_V2, none (seeded random), or a state_dict file.")
-    ] = "IMAGENET1K_V1",  # noqa: E501
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per ResNet50 batch.")] = 64,
+    ] = X.weights,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per ResNet50 batch.")] = X.batch_size,
     workers: Annotated[
         int | None, typer.Option(min=0, help="Decoding processes [default: cores-1, 0 on <=2 cores].")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
-    dtype: Annotated[Dtype, typer.Option(help="Feature dtype.")] = Dtype.float16,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made differently.")] = False,
+    ] = X.workers,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = X.device,
+    dtype: Annotated[Dtype, typer.Option(help="Feature dtype.")] = Dtype(X.dtype),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made differently.")] = X.overwrite,
     layer: Annotated[
         Layer, typer.Option(help="Stage stored: layer4 (7x7x2048) or layer3 (14x14x1024, for fit --finetune layer4).")
-    ] = Layer.layer4,
+    ] = Layer(X.layer),
 ) -> None:
     """Run a frozen ResNet50 once over every captioned image and store its 7x7x2048 features (layer4), or its
     14x14x1024 layer3 features for fine-tuning layer4 (--layer layer3: twice the disk).
@@ -190,10 +194,9 @@ def extract(
     """
 
     def run() -> None:
-        from pipeline.extract import ExtractConfig
         from pipeline.extract import extract as run_extract
 
-        cfg = ExtractConfig(
+        cfg = X(
             images=images,
             captions=captions,
             store=store,
@@ -384,20 +387,21 @@ def demo(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Option(help="Checkpoint to caption with.")] = Path("cache/model.pt"),
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every network interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
-    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
-    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest photo file accepted, in MB.")] = 20.0,
+    model: Annotated[Path, typer.Option(help="Checkpoint to caption with.")] = S.model,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every network interface).")] = S.host,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = S.port,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = S.device,
+    max_upload_mb: Annotated[
+        float, typer.Option(min=0.001, help="Largest photo file accepted, in MB.")
+    ] = S.max_upload_mb,
 ) -> None:
     """A web page and JSON API: drop a photo, see its caption, the attention of each word and the n-best beams.
 
     Loads the models once; serves http://HOST:PORT/ and POST /api/caption, GET /api/health, GET /api/model.
     """
-    from pipeline.serve import ServeConfig
     from pipeline.serve import serve as run_serve
 
-    cfg = ServeConfig(model=model, host=host, port=port, device=device, max_upload_mb=max_upload_mb)
+    cfg = S(model=model, host=host, port=port, device=device, max_upload_mb=max_upload_mb)
     _call(run_serve, cfg)
 
 

@@ -276,9 +276,9 @@ def demo(workdir: Path, quick: bool, seeds: list[int], variants: list[str]) -> t
 
 def flickr_store(workdir: Path, n_train: int, n_val: int) -> Path:
     """Random float16 features for the first train and val images of the Karpathy file, with their captions."""
-    from pipeline.datasets import _read_karpathy
+    from pipeline.datasets import read_karpathy
 
-    entries = list(_read_karpathy(require_data(), Counter()).values())
+    entries = list(read_karpathy(require_data(), Counter()).values())
     train = [e.captions for e in entries if e.split == "train"][:n_train]
     val = [e.captions for e in entries if e.split == "val"][:n_val]
     path = workdir / f"flickr-{n_train}-{n_val}.h5"

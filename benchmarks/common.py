@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from pipeline.store import row_bytes
+
 if TYPE_CHECKING:
     from pipeline.store import FeatureStore
     from pipeline.vocab import Vocabulary
@@ -32,7 +34,7 @@ KARPATHY_FILE = SHARED_DATA / "flickr30k-captions" / "dataset_flickr30k.json.gz"
 EPOCH_IMAGES = 29_000  # Flickr30k Karpathy train split: every per-epoch figure is projected to this
 EPOCHS = 50  # the report's run
 FLICKR_SIZE = (500, 375)  # width, height of a typical Flickr30k photo
-ROW_BYTES = 7 * 7 * 2048 * 2  # one image's float16 features
+ROW_BYTES = row_bytes("float16")  # one image's float16 layer4 features
 
 
 class BenchmarkError(Exception):

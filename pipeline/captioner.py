@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint
+from pipeline.config import BEAM_SIZE
 from pipeline.decode import Decoded, beam_search
 from pipeline.encoder import build_recorded, encode, recorded_weights, trunk_of
 from pipeline.errors import UserError, describe
@@ -76,7 +77,7 @@ class Captioner:
         )
 
     @torch.inference_mode()
-    def caption(self, pixels: torch.Tensor, beam_size: int = 3, n_best: int = 0) -> list[Decoded]:
+    def caption(self, pixels: torch.Tensor, beam_size: int = BEAM_SIZE, n_best: int = 0) -> list[Decoded]:
         """(B, 3, H, W) uint8 -> decoded captions. Features are rounded to the store's dtype at the stage the
         store held, as in training, then go through the model's layer4 when it has one. n_best > 0 also fills
         each result's `beams` (see decode.beam_search)."""

@@ -1,14 +1,20 @@
-"""The settings of fit, evaluate, generate and demo: one dataclass per command, every default declared once.
+"""The settings of every command (extract, fit, evaluate, generate, serve, demo): one dataclass per command,
+every default declared once.
 
-`cli.py` takes its option defaults from these classes, so a default is written in one place only. This
-module imports neither torch, numpy nor typer: `cli.py --help` stays fast (importing torch takes seconds).
-`pipeline.train.TrainConfig`, `pipeline.evaluate.EvaluateConfig`, ... are these same classes.
+`cli.py` takes its option defaults from these classes, so a default is written in one place only
+(tests/test_cli.py fails on a drift). This module imports neither torch, numpy nor typer: `cli.py --help`
+stays fast (importing torch takes seconds). `pipeline.extract.ExtractConfig`, `pipeline.train.TrainConfig`,
+`pipeline.serve.ServeConfig`, ... are these same classes.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.transform import TransformConfig
 
 MAX_LEN = 20  # tokens per encoded caption, <start> and <end> included (the report's 20)
 STORE = "cache/features.h5"
@@ -17,6 +23,36 @@ MODEL = "cache/model.pt"
 DEVICE = "auto"  # cuda when available, else cpu
 BEAM_SIZE = 3
 MAX_BEAM_SIZE = 50  # a wider beam only costs memory: (images x beam x vocabulary) log-probabilities per step
+EVAL_SPLITS = ("test", "val")  # what evaluate scores; never train, the captions the model learned
+
+
+def _transform() -> TransformConfig:
+    from pipeline.transform import TransformConfig  # imports torch: only when an ExtractConfig is made
+
+    return TransformConfig()
+
+
+def _pillow_max_pixels() -> int:
+    from PIL import Image
+
+    return int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # Pillow's decompression-bomb warning level
+
+
+@dataclass
+class ExtractConfig:
+    """`extract`."""
+
+    images: Path
+    captions: Path | None = None
+    store: Path = Path(STORE)
+    weights: str = "IMAGENET1K_V1"
+    batch_size: int = 64
+    workers: int | None = None  # None: runtime.default_workers()
+    device: str = DEVICE
+    dtype: str = "float16"
+    overwrite: bool = False
+    layer: str = "layer4"  # the ResNet50 stage stored: layer4 (7x7x2048) or layer3 (14x14x1024)
+    transform: TransformConfig = field(default_factory=_transform)
 
 
 @dataclass
@@ -87,7 +123,7 @@ class EvaluateConfig:
 
     model: Path = Path(MODEL)
     store: Path = Path(STORE)
-    split: str = "test"
+    split: str = EVAL_SPLITS[0]
     beam_size: int = BEAM_SIZE
     out: Path | None = None
     device: str = DEVICE
@@ -119,5 +155,24 @@ class DemoConfig:
     weights: str | None = None  # None: ImageNet V1 when cached, else none
     # fine-tune layer4 from a layer3 store (fit --finetune layer4), or train on frozen layer4 features
     finetune: bool = False
-    encoder_lr: float = 1e-4
-    finetune_after: int = 0
+    encoder_lr: float = TrainConfig.encoder_lr  # fit's, declared there
+    finetune_after: int = TrainConfig.finetune_after
+
+
+@dataclass
+class ServeConfig:
+    """`serve`."""
+
+    model: Path = Path(MODEL)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = DEVICE
+    max_upload_mb: float = 20.0  # MiB per image file
+    max_pixels: int = field(default_factory=_pillow_max_pixels)
+    max_beam_size: int = 10
+    max_batch: int = 8  # queued images captioned in one model call
+    decode_threads: int = 2
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)

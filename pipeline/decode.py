@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.config import BEAM_SIZE
 from pipeline.model import CaptionModel, Decoder
 from pipeline.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
@@ -66,7 +67,7 @@ def _trim(tokens: np.ndarray, alpha: np.ndarray, score: float) -> Decoded:
 
 @torch.inference_mode()
 def beam_search(
-    model: Decoder, features: torch.Tensor, beam_size: int = 3, max_steps: int = 19, n_best: int = 0
+    model: Decoder, features: torch.Tensor, beam_size: int = BEAM_SIZE, max_steps: int = 19, n_best: int = 0
 ) -> list[Decoded]:
     """Batched beam search: `beam_size` hypotheses per image, scored by log-probability over length.
     A hypothesis ends at <end>; the best ended one (or the best unfinished at `max_steps`) wins.
@@ -174,7 +175,7 @@ def decode_rows(
     features: np.ndarray,
     rows: np.ndarray,
     device: torch.device,
-    beam_size: int = 3,
+    beam_size: int = BEAM_SIZE,
     max_steps: int = 19,
     batch_size: int = 128,
 ) -> list[Decoded]:

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from pipeline import checkpoint
-from pipeline.config import MAX_BEAM_SIZE, EvaluateConfig
+from pipeline.config import EVAL_SPLITS, MAX_BEAM_SIZE, EvaluateConfig
 from pipeline.console import info
 from pipeline.data import CaptionIndex, validation_batches
 from pipeline.decode import decode_rows
@@ -34,8 +34,8 @@ WRITTEN_BY = "captioner evaluate"  # details.written_by: how evaluate knows an -
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Decode the split with beam search and score it. Returns {"metrics", "captions", "details"}, also
     written to `cfg.out` when given."""
-    if cfg.split not in ("test", "val", "train"):
-        raise UserError(f"--split must be test or val, not {cfg.split!r}")
+    if cfg.split not in EVAL_SPLITS:
+        raise UserError(f"--split must be {' or '.join(EVAL_SPLITS)}, not {cfg.split!r}")
     if not 1 <= cfg.beam_size <= MAX_BEAM_SIZE:
         raise UserError(f"--beam-size must be between 1 and {MAX_BEAM_SIZE}")
     use_java = _use_java(cfg.meteor)

@@ -42,9 +42,12 @@ def autocast(
     return torch.autocast("cuda", dtype=dtype)
 
 
-def default_workers() -> int:
-    """Decoding workers: cores - 1 (at most 16), leaving a core to feed the device. On 2 cores or fewer,
-    none: a worker then competes with torch's threads for the same cores, and decoding (~4 ms an image)
-    is small next to the CPU ResNet50 (~90 ms); benchmarks: 12.5 img/s with 0 workers vs 9.3 with 1."""
+def default_workers(processes: int = 1) -> int:
+    """Decoding workers of each of `processes` processes on this machine (the ranks of a torchrun job on one
+    node share its cores): its share of the cores - 1 (at most 16), leaving a core to feed the device. On a
+    share of 2 cores or fewer, none: a worker then competes with torch's threads for the same cores, and
+    decoding (~4 ms an image) is small next to the CPU ResNet50 (~90 ms); benchmarks: 12.5 img/s with 0
+    workers vs 9.3 with 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if cores <= 2 else min(16, cores - 1)
+    share = cores // processes
+    return 0 if share <= 2 else min(16, share - 1)

@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException
 
 from pipeline.captioner import Captioner
+from pipeline.config import BEAM_SIZE, ServeConfig
 from pipeline.console import info
 from pipeline.decode import Decoded
 from pipeline.errors import UserError, describe
@@ -49,23 +50,6 @@ FORMATS = ("JPEG", "PNG", "WEBP")  # the only decoders an upload may reach
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the beam_size field, beyond the image
 log = logging.getLogger("captioner.serve")
-
-
-@dataclass
-class ServeConfig:
-    model: Path = Path("cache/model.pt")
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
-    max_upload_mb: float = 20.0  # MiB per image file
-    max_pixels: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # Pillow's decompression-bomb warning level
-    max_beam_size: int = 10
-    max_batch: int = 8  # queued images captioned in one model call
-    decode_threads: int = 2
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 2**20)
 
 
 class ApiError(Exception):
@@ -399,7 +383,7 @@ def create_app(captioner: Captioner, cfg: ServeConfig, model_name: str = "model.
         if "image" not in files and not fields["image"].startswith(IMAGE_MAGIC):
             # a plain text field (`-F image=photo.jpg`, without the @ that sends the file): no image was sent
             raise ApiError(400, "no image: the field 'image' holds text, not a file (curl: -F image=@photo.jpg)")
-        beam = fields.get("beam_size", b"3").decode("ascii", "replace").strip() or "3"
+        beam = fields.get("beam_size", b"").decode("ascii", "replace").strip() or str(BEAM_SIZE)
         if not beam.isdigit() or not 1 <= int(beam) <= cfg.max_beam_size:
             raise ApiError(400, f"beam_size must be a whole number from 1 to {cfg.max_beam_size}")
         pixels, (width, height) = await anyio.to_thread.run_sync(

@@ -27,9 +27,9 @@ import torch.distributed as tdist  # noqa: E402
 import typer  # noqa: E402
 
 from cli import app  # noqa: E402
-from pipeline import distributed_extract  # noqa: E402
 from pipeline.distributed import AgreedError, Dist, launched  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+from pipeline.extract import shared  # noqa: E402
 
 
 def collectives(dist: Dist) -> dict:
@@ -65,15 +65,15 @@ def main() -> None:
     tdist.init_process_group("gloo")
     dist = Dist(launch.rank, launch.world, launch.local_rank, launch.local_world)
     # status rounds of 2 rows: with batches of 2, several rounds, and shares that end at different rounds
-    distributed_extract.ROUND_ROWS.update(cpu=2, cuda=2)
+    shared.ROUND_ROWS.update(cpu=2, cuda=2)
     rounds = {"n": 0}
-    original = distributed_extract.ShareWriter._round
+    original = shared.ShareWriter._round
 
     def counted(self) -> None:
         rounds["n"] += 1
         original(self)
 
-    distributed_extract.ShareWriter._round = counted  # type: ignore[method-assign]
+    shared.ShareWriter._round = counted  # type: ignore[method-assign]
     command = typer.main.get_command(app)
     results: dict = {"collectives": collectives(dist), "commands": {}}
     for step in plan["commands"]:

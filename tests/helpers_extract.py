@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,10 +41,22 @@ class TinyTrunk(nn.Module):
 
 
 def fake_build_encoder(spec: str, layer: str = "layer4", delay: float = 0.0):
-    """`pipeline.extract.build_encoder` with a TinyTrunk; provenance as `--weights none`."""
+    """An encoder factory for `extract(cfg, encoder_factory=...)`: a TinyTrunk; provenance as `--weights none`."""
     from pipeline.encoder import WeightsInfo
 
     return TinyTrunk(delay, layer), WeightsInfo("none", "")
+
+
+def fake_extract(delay: float = 0.0, trunk: Callable[[nn.Module], nn.Module] | None = None) -> Callable:
+    """`pipeline.extract.extract` with a TinyTrunk as its encoder (`trunk` wraps it, to act on each batch): what
+    a test puts in place of the real entry point, so that `cli.py extract` runs it."""
+    from pipeline.extract import extract
+
+    def factory(spec: str, layer: str = "layer4"):
+        tiny, weights = fake_build_encoder(spec, layer, delay)
+        return (trunk(tiny) if trunk else tiny), weights
+
+    return partial(extract, encoder_factory=factory)
 
 
 _ZYGOTE = r"""
@@ -51,7 +65,7 @@ from functools import partial
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
 import h5py, numpy, torch, torchvision.models  # noqa: F401  what every run imports, paid once here
 import cli, pipeline.extract
-from helpers_extract import fake_build_encoder
+from helpers_extract import fake_extract
 print("ready", flush=True)
 for line in sys.stdin:
     req = json.loads(line)
@@ -73,7 +87,7 @@ for line in sys.stdin:
         resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if req.get("fake") is not None:
-        pipeline.extract.build_encoder = partial(fake_build_encoder, delay=req["fake"])
+        pipeline.extract.extract = fake_extract(delay=req["fake"])
     sys.argv = ["cli.py", *req["args"]]
     if req["full_exit"]:
         cli.app(args=req["args"], prog_name="cli.py")  # exits through SystemExit: the normal interpreter exit

@@ -7,14 +7,25 @@ exactly what was typed.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.config import DemoConfig, EvaluateConfig, GenerateConfig, TrainConfig
+from pipeline.config import (
+    EVAL_SPLITS,
+    DemoConfig,
+    EvaluateConfig,
+    ExtractConfig,
+    GenerateConfig,
+    ServeConfig,
+    TrainConfig,
+)
 
 
 @pytest.fixture
@@ -24,6 +35,7 @@ def calls(monkeypatch):
     import pipeline.evaluate
     import pipeline.extract
     import pipeline.generate
+    import pipeline.serve
     import pipeline.train
 
     seen: list[tuple[str, object]] = []
@@ -50,6 +62,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(pipeline.generate, "generate", recorder("generate", captions))
     monkeypatch.setattr(pipeline.demo, "demo", recorder("demo", {}))
     monkeypatch.setattr(pipeline.extract, "extract", recorder("extract", {}))
+    monkeypatch.setattr(pipeline.serve, "serve", recorder("serve"))
     return seen
 
 
@@ -162,10 +175,6 @@ def test_demo_config(calls):
 
 
 def test_extract_config(calls):
-    """extract's defaults are still declared in cli.py as well as in ExtractConfig (pipeline/extract.py imports
-    torch, which `cli.py --help` must not pay for): this catches a drift between the two."""
-    from pipeline.extract import ExtractConfig
-
     _invoke("extract", "--images", "imgs")
     assert calls == [("extract", ExtractConfig(images=Path("imgs")))]
     _invoke(
@@ -179,3 +188,88 @@ def test_extract_config(calls):
     assert calls[-1] == ("extract", expected)
     assert ExtractConfig(images=Path("imgs")).layer == "layer4"
     assert CliRunner().invoke(app, ["extract", "--images", "imgs", "--layer", "layer5"]).exit_code == 2
+
+
+def test_serve_config(calls):
+    _invoke("serve")
+    assert calls == [("serve", ServeConfig())]
+    _invoke(
+        "serve", "--model", "m.pt", "--host", "0.0.0.0", "--port", "9000", "--device", "cpu", "--max-upload-mb", "2"
+    )  # fmt: skip
+    expected = ServeConfig(model=Path("m.pt"), host="0.0.0.0", port=9000, device="cpu", max_upload_mb=2.0)
+    assert calls[-1] == ("serve", expected)
+
+
+# -- drift: every option's default and choices are the library's ------------------------------------------------
+
+
+def _plain(value: object) -> object:
+    """A default as the config holds it: an enum's value, a path's text."""
+    value = value.value if isinstance(value, enum.Enum) else value
+    return str(value) if isinstance(value, Path) else value
+
+
+def _choices(option) -> set[str] | None:
+    """The values a choice option takes (click's Choice, or the Enum typer builds it from), None for others."""
+    choice = getattr(getattr(option, "type", None), "choices", None)  # click (typer before it vendored click)
+    if choice is not None:
+        return set(choice)
+    annotation = getattr(getattr(option, "type_descriptor", None), "annotation", None)  # typer's own click
+    return {m.value for m in annotation} if isinstance(annotation, type) and issubclass(annotation, enum.Enum) else None
+
+
+def _library_choices(command: str) -> dict[str, set[str]]:
+    """What the library accepts for each option that the CLI offers as a choice."""
+    from pipeline.encoder import ENCODER_NAMES
+    from pipeline.store import DTYPES
+    from pipeline.train import FEATURE_NORMS, FINETUNE_LAYERS
+
+    return {
+        "extract": {"dtype": set(DTYPES), "layer": set(ENCODER_NAMES)},
+        "fit": {"feature_norm": set(FEATURE_NORMS), "finetune": set(FINETUNE_LAYERS)},
+        "evaluate": {"split": set(EVAL_SPLITS)},
+    }.get(command, {})
+
+
+DRIFT = [  # command, its config, options that are no field of it ({option: field} or None: the CLI's own)
+    ("extract", ExtractConfig, {}),
+    ("fit", TrainConfig, {}),
+    ("evaluate", EvaluateConfig, {}),
+    ("generate", GenerateConfig, {"image": "images", "json": None}),
+    ("serve", ServeConfig, {}),
+    ("demo", DemoConfig, {}),
+]
+
+
+@pytest.mark.parametrize(("command", "config", "renamed"), DRIFT, ids=[d[0] for d in DRIFT])
+def test_no_default_nor_choice_drifts_from_the_library(command, config, renamed):
+    """Walk the command's options: each is a field of the command's config with the same default (a required
+    option: a field without one), and each choice list is what the library accepts."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    options = [p for p in typer.main.get_command(app).commands[command].params if p.param_type_name == "option"]
+    assert options
+    for option in options:
+        name = renamed.get(option.name, option.name)
+        if name is None:
+            continue
+        assert name in fields, f"{command} --{option.name}: {config.__name__} has no field {name}"
+        field = fields[name]
+        if option.required:
+            assert field.default is dataclasses.MISSING or field.default_factory is not dataclasses.MISSING, name
+        else:
+            assert _plain(option.default) == _plain(field.default), f"{command} --{option.name}"
+    choices = {p.name: _choices(p) for p in options if _choices(p) is not None}
+    assert choices == _library_choices(command)
+
+
+def test_the_library_refuses_the_train_split_as_the_cli_does():
+    from pipeline.errors import UserError
+    from pipeline.evaluate import evaluate
+
+    with pytest.raises(UserError, match="--split must be test or val, not 'train'"):
+        evaluate(EvaluateConfig(split="train"))
+    assert CliRunner().invoke(app, ["evaluate", "--split", "train"]).exit_code == 2
+
+
+def test_demo_trains_with_fits_defaults():
+    assert (DemoConfig.encoder_lr, DemoConfig.finetune_after) == (TrainConfig.encoder_lr, TrainConfig.finetune_after)

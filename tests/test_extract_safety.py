@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers_extract import Zygote, fake_build_encoder, wait_gone
+from helpers_extract import Zygote, fake_extract, wait_gone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -82,29 +82,35 @@ def same_store(a: Path, b: Path, exact: bool = True) -> None:
 
 @pytest.fixture
 def fast(monkeypatch):
-    """The ResNet50 replaced by a TinyTrunk in this process."""
-    monkeypatch.setattr("pipeline.extract.build_encoder", fake_build_encoder)
+    """`cli.py extract` runs extract with a TinyTrunk for its encoder, in this process."""
+    monkeypatch.setattr("pipeline.extract.extract", fake_extract())
 
 
 @contextlib.contextmanager
 def interrupt_after(k: int):
-    """Within the block, Ctrl-C arrives while batch k+1 is encoded (after k batches were written)."""
-    import pipeline.extract as extract_module
+    """Within the block, Ctrl-C arrives while batch k+1 is encoded (after k batches were written): the encoder
+    that extract is given raises it."""
+    import pipeline.extract
 
     calls = {"n": 0}
-    original = extract_module.encode
 
-    def encode(trunk, x):
-        calls["n"] += 1
-        if calls["n"] > k:
-            raise KeyboardInterrupt
-        return original(trunk, x)
+    class Interrupting(torch.nn.Module):
+        def __init__(self, trunk: torch.nn.Module) -> None:
+            super().__init__()
+            self.trunk = trunk
 
-    extract_module.encode = encode
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls["n"] += 1
+            if calls["n"] > k:
+                raise KeyboardInterrupt
+            return self.trunk(x)
+
+    original = pipeline.extract.extract
+    pipeline.extract.extract = fake_extract(trunk=Interrupting)
     try:
         yield
     finally:
-        extract_module.encode = original
+        pipeline.extract.extract = original
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +159,7 @@ def test_a_store_path_that_is_a_folder_or_under_a_file_is_refused(tmp_path, make
 
     # An unwritable --store folder is found before any image is read (as root, chmod would not do: a
     # folder "under" a regular file cannot be created by anyone).
-    monkeypatch.setattr("pipeline.extract.load_uint8", lambda *a: pytest.fail("an image was read"))
+    monkeypatch.setattr("pipeline.extract.encode.load_uint8", lambda *a: pytest.fail("an image was read"))
     afile = tmp_path / "afile"
     afile.write_text("mine")
     line = error_line(cli(*args_for(images, afile / "sub" / "s.h5"), code=1).stderr)
@@ -169,7 +175,7 @@ def test_not_enough_disk_space_is_refused_before_any_work(tmp_path, make_flickr8
         f_bavail, f_frsize = 4, 4096  # 16 KiB free
 
     monkeypatch.setattr(os, "statvfs", lambda p: Full() if str(p) == str(tmp_path) else real(p))
-    monkeypatch.setattr("pipeline.extract.load_uint8", lambda *a: pytest.fail("an image was read"))
+    monkeypatch.setattr("pipeline.extract.encode.load_uint8", lambda *a: pytest.fail("an image was read"))
     line = error_line(cli(*args_for(images, tmp_path / "s.h5"), code=1).stderr)
     assert "not enough disk space" in line and "0.6 MiB of features to write" in line
     assert not (tmp_path / "s.h5").exists() and leftovers(tmp_path) == []
@@ -263,7 +269,7 @@ def test_ctrl_c_while_a_store_is_rebuilt_keeps_the_old_one(
     cli(*args_for(images, store), code=130)
     assert sha256(store) == before and leftovers(tmp_path) == []
     monkeypatch.undo()
-    monkeypatch.setattr("pipeline.extract.build_encoder", fake_build_encoder)
+    monkeypatch.setattr("pipeline.extract.extract", fake_extract())
     assert "1 this run" in cli(*args_for(images, store)).stdout
 
 
@@ -287,7 +293,7 @@ def test_leftovers_of_a_killed_creation_are_removed_and_a_users_partial_file_is_
 
 
 def test_read_errors_are_retried_by_the_next_run(tmp_path, make_flickr8k, cli, fast, monkeypatch):
-    import pipeline.extract as extract_module
+    import pipeline.extract.encode as extract_module
 
     images = make_flickr8k(tmp_path / "imgs", 5)
     (images / "1004_img.jpg").write_bytes(b"\xff\xd8 truncated")  # undecodable: skipped for good
@@ -348,7 +354,7 @@ def test_read_errors_and_decode_errors_are_told_apart(tmp_path, make_images):
 def test_a_killed_decoding_worker_is_one_error_line_and_the_store_resumes(
     tmp_path, make_flickr8k, cli, fast, monkeypatch
 ):
-    import pipeline.extract as extract_module
+    import pipeline.extract.encode as extract_module
 
     images = make_flickr8k(tmp_path / "imgs", 6)
     store = tmp_path / "s.h5"
@@ -375,23 +381,23 @@ def test_a_worker_killed_while_sending_a_batch_is_the_same_error_line(tmp_path, 
                                                                        broken):  # fmt: skip
     """A worker killed while it sends its batch breaks the pipe (the test above, about one run in ten under
     load): that too is a dead worker, not `error: ConnectionResetError`."""
-    import pipeline.extract as extract_module
+    import pipeline.extract.encode as extract_module
 
     images = make_flickr8k(tmp_path / "imgs", 6)
     store = tmp_path / "s.h5"
-    real_loader = extract_module._loader
+    real_loader = extract_module.loader
 
     def breaks_after_one_batch(*args, **kwargs):
         batches = iter(real_loader(*args, **kwargs))
         yield next(batches)
         raise broken
 
-    monkeypatch.setattr(extract_module, "_loader", breaks_after_one_batch)
+    monkeypatch.setattr(extract_module, "loader", breaks_after_one_batch)
     line = error_line(cli(*args_for(images, store), code=1).stderr)
     assert line.startswith("error: a decoding worker died (") and "rerun the same command to resume" in line
     with FeatureStore(store) as s:
         assert (s.status == WRITTEN).sum() == 2  # the batch that came through is kept
-    monkeypatch.setattr(extract_module, "_loader", real_loader)
+    monkeypatch.setattr(extract_module, "loader", real_loader)
     assert "4 this run" in cli(*args_for(images, store)).stdout
 
 

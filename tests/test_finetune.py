@@ -106,9 +106,9 @@ def test_store_without_a_layer_attribute_reads_as_layer4(tmp_path):
 def test_extract_layer3_resumes_and_refuses_the_other_layer(tmp_path, make_flickr8k, cli, monkeypatch):
     """With a stand-in trunk (the store, not the features, is tested): a layer3 store has 14x14x1024 rows and
     records its layer; rerunning completes nothing more; asking for layer4 on it is refused as made differently."""
-    from helpers_extract import fake_build_encoder
+    from helpers_extract import fake_extract
 
-    monkeypatch.setattr("pipeline.extract.build_encoder", fake_build_encoder)
+    monkeypatch.setattr("pipeline.extract.extract", fake_extract())
     images, store = make_flickr8k(tmp_path / "imgs", 3), tmp_path / "s.h5"
     args = ["extract", "--images", images, "--store", store, "--weights", "none", "--device", "cpu", "--workers", "0"]
     cli(*args, "--layer", "layer3")

@@ -1,10 +1,11 @@
-"""`extract` under torchrun: the ranks share the images and fill one store, the same file a single process
-makes (same `images` order, same features within float tolerance, same statuses).
+"""The writer of `extract` under torchrun: the ranks share the images and fill one store, the same file a single
+process makes (same `images` order, same features within float tolerance, same statuses). In one process
+`writer_for` gives store.Writer, and nothing here runs.
 
 How the work is shared:
 
 - Rank 0 alone decides what the store is: it takes the store's one-writer lock for the whole run, and
-  creates, resumes, rebuilds or refuses the store exactly as one process does (`extract._prepare_store`).
+  creates, resumes, rebuilds or refuses the store exactly as one process does (`plan.prepare_store`).
   Every rank gets its decision: the same error, "nothing to do", or the store's layout (the features' byte
   offset, shape, dtype) and the rows still to extract. The other ranks never open the file with h5py, so
   HDF5's lock on it stays rank 0's.
@@ -31,32 +32,18 @@ must be on a shared filesystem (NFS, Lustre, GPFS...). A copy per node works for
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.console import info, warn
-from pipeline.datasets import CaptionSet, read_captions
-from pipeline.distributed import Dist, session
-from pipeline.encoder import build_encoder
+from pipeline.distributed import Dist
 from pipeline.errors import UserError, describe
-from pipeline.extract import (
-    ExtractConfig,
-    _counts,
-    _existing_store,
-    _extract_rows,
-    _prepare_store,
-    _remove_leftovers,
-    _skipped_text,
-    check_options,
-    provenance,
-)
-from pipeline.files import exclusive
+from pipeline.extract.encode import RowWriter
 from pipeline.store import Writer, open_file
 
 # Rows per rank between two status rounds: at most that much work is redone after a kill. Each round costs an
@@ -67,105 +54,36 @@ ROUND_ROWS = {"cuda": 1024, "cpu": 128}
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the features dataset lies in the file, and what is left to extract: rank 0 reads it, every
-    rank gets it."""
+    """Where the features dataset lies in the file: rank 0 reads it, every rank gets it."""
 
     offset: int
     shape: tuple[int, ...]
     dtype: str
-    rows: np.ndarray  # rows to extract (pending, and unreadable ones to retry), in order
 
 
-def extract(cfg: ExtractConfig) -> dict:
-    """`pipeline.extract.extract` for one rank of a torchrun job. Returns the run's summary (the same on
-    every rank, but `bytes`: rank 0's)."""
-    start = time.perf_counter()
-    images, path = Path(cfg.images), Path(cfg.store)
-    with session(cfg.device) as dist, contextlib.ExitStack() as held:
-        # one process a node makes the checks that write a probe file (pids differ within a node only)
-        dist.check(lambda: check_options(cfg) if dist.local_rank == 0 else None)
-        old = dist.decide(lambda: _lock(path, held))
-        captions = dist.check(lambda: _read_captions(cfg, images, dist))
-        # rank 0 of each node first: an ImageNet download then happens once per node
-        built = dist.check(lambda: build_encoder(cfg.weights, cfg.layer) if dist.local_rank == 0 else None)
-        trunk, weights = dist.check(lambda: built or build_encoder(cfg.weights, cfg.layer))
-        prov = provenance(weights.to_dict(), cfg.transform, cfg.dtype, cfg.layer)
-        summary = {"store": str(path), "images": len(captions), "captions": sum(map(len, captions.captions))}
-        layout = dist.decide(lambda: _layout(cfg, captions, prov, old))
-        if layout is None:
-            zero = {"written_now": 0, "skipped_now": 0, "unreadable_now": 0}
-            return summary | _counts(old) | zero | {"seconds": time.perf_counter() - start}
-        mine = dist.part(layout.rows)
-        info(f"extract: {len(layout.rows)} images over {dist.world} processes ({len(mine)} on rank 0)")
-        largest = max(len(part) for part in np.array_split(layout.rows, dist.world))
-        rounds = ROUND_ROWS[dist.device.type]
-        counts, now = _extract_rows(
-            _per_rank(cfg, dist), trunk, dist.device, captions, mine,
-            open_writer=lambda: ShareWriter(dist, path, layout, largest, rounds),
-        )  # fmt: skip
-        now = dict(zip(now, (int(v) for v in dist.sum(*now.values())), strict=True))
-        dist.check(lambda: _check_written(images, counts))  # the same counts on every rank: rank 0 reports
-        seconds = time.perf_counter() - start
-        size = path.stat().st_size if dist.is_main else 0
-        info(
-            f"done: {counts['images_written']} images written, {_skipped_text(counts)}, {summary['captions']} "
-            f"captions, {size / 2**30:.2f} GiB at {path}, {now['written_now']} this run by {dist.world} processes "
-            f"in {seconds:.1f}s"
-        )
-        return summary | counts | now | {"seconds": seconds} | ({"bytes": size} if dist.is_main else {})
-
-
-def _lock(path: Path, held: contextlib.ExitStack) -> dict | None:
-    """Rank 0: the store's one-writer lock (held until the run ends), leftovers of killed runs removed, and
-    the attributes of the store already there (None when there is none)."""
-    held.enter_context(exclusive(path, what=str(path)))
-    _remove_leftovers(path)
-    return _existing_store(path)
-
-
-def _read_captions(cfg: ExtractConfig, images: Path, dist: Dist) -> CaptionSet:
-    """Every rank reads the captions (it needs the image names of its share); rank 0 reports on them."""
-    captions = read_captions(images, cfg.captions)
-    if dist.is_main:
-        info(f"captions: {captions.source} ({captions.layout}), {len(captions)} images on disk")
-        for reason, count in sorted(captions.problems.items()):
-            if count:
-                warn(f"{count} {reason}")
-    if not captions.images:
-        raise UserError(f"none of the captioned images were found under {images}")
-    return captions
-
-
-def _layout(cfg: ExtractConfig, captions: CaptionSet, prov: dict, old: dict | None) -> Layout | None:
-    """Rank 0: create, resume, rebuild or refuse the store as one process does; None when it is complete."""
-    rows = _prepare_store(cfg, captions, prov, old)
-    if rows is None:
-        return None
-    with open_file(cfg.store, "r") as f:
+def read_layout(path: Path) -> Layout:
+    """Rank 0: the byte offset, shape and dtype of the store's features (contiguous, as extract makes them)."""
+    with open_file(path, "r") as f:
         ds = f["features"]
         offset = ds.id.get_offset()
         if offset is None or ds.chunks is not None or ds.compression is not None:
-            raise UserError(f"{cfg.store}: features are not stored contiguously; cannot write them in place")
-        return Layout(int(offset), tuple(ds.shape), ds.dtype.name, np.asarray(rows, dtype=np.int64))
+            raise UserError(f"{path}: features are not stored contiguously; cannot write them in place")
+        return Layout(int(offset), tuple(ds.shape), ds.dtype.name)
 
 
-def _check_written(images: Path, counts: dict) -> None:
-    if counts["images_written"] == 0:
-        what = "read or decoded" if counts["images_unreadable"] else "decoded"
-        raise UserError(f"no image under {images} could be {what}; nothing was extracted")
-
-
-def _per_rank(cfg: ExtractConfig, dist: Dist) -> ExtractConfig:
-    """Decoding workers per rank: the node's cores shared by its ranks (runtime.default_workers' rule)."""
-    if cfg.workers is not None:
-        return cfg
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = cores // dist.local_world
-    return dataclasses.replace(cfg, workers=0 if share <= 2 else min(16, share - 1))
+def writer_for(dist: Dist, path: Path, rows: np.ndarray) -> Callable[[], RowWriter]:
+    """What this process writes its share of `rows` through: store.Writer in one process; under torchrun a
+    ShareWriter, with the layout rank 0 reads and as many status rounds as the largest share needs."""
+    if not dist.enabled:
+        return partial(Writer, path)
+    layout = dist.decide(lambda: read_layout(path))
+    largest = max(len(part) for part in np.array_split(rows, dist.world))
+    rounds = ROUND_ROWS[dist.device.type]
+    return lambda: ShareWriter(dist, path, layout, largest, rounds)
 
 
 class ShareWriter:
-    """The writer `extract._extract_rows` fills (store.Writer's `write(rows, features, status)`, `finish`,
+    """The writer `encode.extract_rows` fills (store.Writer's `write(rows, features, status)`, `finish`,
     `close`), for one rank: features written in place at their bytes, statuses through rank 0 in rounds (see
     the module's docstring). Every rank takes part in the same number of rounds, the number the largest share
     needs, so that the collectives pair up."""
@@ -183,7 +101,7 @@ class ShareWriter:
         self.unmarked: list[np.ndarray] = []  # (k, 2) row, status: written, not yet marked
 
     @contextlib.contextmanager
-    def _errors(self):
+    def _errors(self) -> Iterator[None]:
         try:
             yield
         except OSError as e:  # a full disk, EFBIG...: this rank's error line; torchrun stops the others
