@@ -28,8 +28,9 @@ TEMPLATES = (
 
 def _draw(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
     if shape == "star":
-        pts = [(cx + (r if k % 2 == 0 else r * 0.45) * math.cos(math.pi / 5 * k - math.pi / 2),
-                cy + (r if k % 2 == 0 else r * 0.45) * math.sin(math.pi / 5 * k - math.pi / 2)) for k in range(10)]  # fmt: skip
+        radii = [r if k % 2 == 0 else r * 0.45 for k in range(10)]
+        angles = [math.pi / 5 * k - math.pi / 2 for k in range(10)]
+        pts = [(cx + q * math.cos(a), cy + q * math.sin(a)) for q, a in zip(radii, angles, strict=True)]
         d.polygon(pts, fill=fill)
     elif shape == "cross":
         w = r * 0.35
