@@ -490,3 +490,26 @@ def test_compile_trains_the_same_model_without_compiling_again_for_each_caption_
     for eager, compiled in zip(runs[False], runs[True], strict=True):
         assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
         assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
+
+
+def test_a_checkpoint_from_before_channel_statistics_loads_decodes_and_resumes_as_trained(store20, tmp_path):
+    """Checkpoints written before --feature-norm hold `feature_scale` (1/RMS) alone, and a train_config whose
+    `feature_scale` is a bool. They decode as they did, and --resume continues them with the one scale."""
+    out = tmp_path / "old"
+    fit(_cfg(store20.path, out, epochs=1, feature_norm="rms"))
+    for name in ("last.pt", "model.pt"):  # rewrite them as the older version wrote them
+        ckpt = _load(out / name)
+        del ckpt["model_config"]["feature_norm"]
+        del ckpt["train_config"]["feature_norm"]
+        ckpt["train_config"]["feature_scale"] = True
+        torch.save(ckpt, out / name)
+    old = _load(out / "model.pt")
+    assert old["model_config"]["feature_scale"] != 1.0 and "feature_mean" not in old["model"]
+    model, _ = checkpoint.build_decoder(checkpoint.load(out / "model.pt"))
+    assert not model.cfg.feature_norm and model.cfg.feature_scale == old["model_config"]["feature_scale"]
+
+    fit(_cfg(store20.path, out, epochs=2, resume=True))
+    resumed = _load(out / "last.pt")
+    assert resumed["epoch"] == 2 and resumed["train_config"]["feature_norm"] == "rms"
+    assert resumed["model_config"]["feature_scale"] == old["model_config"]["feature_scale"]
+    assert "feature_mean" not in resumed["model"]
