@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from pipeline.cider import CiderD
+from pipeline.config import TrainConfig
 from pipeline.console import progress
-from pipeline.data import Batches, CaptionIndex
+from pipeline.data import Batch, Batches, CaptionIndex
 from pipeline.decode import greedy
 from pipeline.distributed import Dist
 from pipeline.model import CaptionModel, Decoder
@@ -140,6 +141,8 @@ class SelfCriticalTraining(nn.Module):
         self.max_steps = max_steps
 
     def forward(self, stored: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample K captions per image, score them, and return (loss, mean reward, mean baseline); rewards are
+        computed on the CPU from the detached token ids."""
         decoder = self.model.decoder
         features = self.model.encode(stored)  # (B, 7, 7, D)
         drawn = sample(decoder, features, self.k, self.max_steps)
@@ -157,7 +160,9 @@ class SelfCriticalTraining(nn.Module):
         return loss, torch.tensor(float(reward.mean())), torch.tensor(float(base.mean()))
 
 
-def scst_step(module: nn.Module, optimizer: torch.optim.Optimizer, batch, grad_clip: float, amp: bool | None):
+def scst_step(
+    module: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float, amp: bool | None
+) -> tuple[float, float, float]:
     """One SCST optimisation step on a data.Batch (its captions are not used): (loss, reward, baseline)."""
     with autocast(batch.features.device, amp):
         loss, reward, base = module(batch.features, batch.rows)
@@ -170,7 +175,12 @@ def scst_step(module: nn.Module, optimizer: torch.optim.Optimizer, batch, grad_c
 
 
 def scst_epoch(
-    module: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, epoch: int, cfg, dist: Dist | None = None
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Batches,
+    epoch: int,
+    cfg: TrainConfig,
+    dist: Dist | None = None,
 ) -> dict:
     """One SCST pass over the training images: train_loss (the SCST loss, mean over steps), reward and baseline
     (means over steps, and over the ranks), seconds, samples_per_second (sampled captions, all ranks)."""
