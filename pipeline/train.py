@@ -627,7 +627,7 @@ class Phases:
     time (two wrappers on the same parameters would both hook their gradients). The SCST rewards' CIDEr-D
     tables are built once, when the first SCST epoch starts."""
 
-    def __init__(self, model: CaptionModel, data: TrainingData, cfg: TrainConfig, dist: Dist, epochs_done: int):
+    def __init__(self, model: CaptionModel, data: TrainingData, cfg: TrainConfig, dist: Dist, epochs_done: int) -> None:
         self.model, self.data, self.cfg, self.dist = model, data, cfg, dist
         # layer4 trains only after --finetune-after epochs: until then DDP must expect parameters without gradients
         self.partial = cfg.finetune is not None and cfg.finetune_after > epochs_done
@@ -636,6 +636,7 @@ class Phases:
         self.rewards: Rewards | None = None
 
     def of(self, epoch: int) -> str:
+        """The phase of `epoch`."""
         return "scst" if self.cfg.scst_after is not None and epoch > self.cfg.scst_after else "xe"
 
     def _build(self, phase: str) -> torch.nn.Module:

@@ -228,3 +228,24 @@ def test_progress_and_epoch_lines_show_reward_and_baseline(store20, tmp_path, cl
     assert "scst reward" in line and "baseline" in line
     assert "reward=" in result.stdout and "baseline=" in result.stdout  # the progress line (not a TTY)
     assert [m["phase"] for m in _metrics(out)] == ["xe", "scst"]
+
+
+def test_a_falling_reward_is_reported_and_model_pt_stays_chosen_by_cider(store20, tmp_path, cli, monkeypatch):
+    """Rewards falling for 3 SCST epochs in a row: a warning naming the epoch model.pt holds (stubbed epochs)."""
+    import pipeline.train
+
+    rewards = iter([0.9, 0.8, 0.7, 0.6])
+
+    def falling(module, optimizer, batches, epoch, cfg, dist=None) -> dict:
+        reward = next(rewards)
+        return {"phase": "scst", "train_loss": 0.0, "reward": reward, "baseline": reward, "seconds": 1.0,
+                "samples_per_second": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(pipeline.train, "scst_epoch", falling)
+    out = tmp_path / "out"
+    result = cli(*_fit_args(store20.path, out, "--epochs", "5", "--scst-after", "1"))
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "fell 3 epochs in a row (0.900 > 0.800 > 0.700 > 0.600)" in warnings[0]
+    best = _load(out / "last.pt")["best"]["epoch"]
+    assert f"model.pt stays the epoch with the best validation score (epoch {best}," in warnings[0]
+    assert _load(out / "model.pt")["epoch"] == best
