@@ -597,6 +597,8 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
         )
     )
     encoder_note(cfg, data.store)
+    if cfg.scst_after is not None and cfg.scst_after < cfg.epochs and val.metric != "val_cider_d":
+        warn(_SCST_BY_LOSS)
     if val.metric == "neg_train_loss":
         info(f"{data.store.path} has no validation images: model.pt will be the epoch with the lowest training loss")
     record: dict = {}
@@ -619,6 +621,12 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
             if record["phase"] == "scst" and collapsing(state.records):
                 warn(_collapse_line(state))
     return record
+
+
+_SCST_BY_LOSS = (
+    "SCST raises the cross-entropy it does not optimise, and model.pt is chosen by loss here (no validation images "
+    "decoded): it will likely stay a cross-entropy epoch; give --val-decode-images N to choose it by CIDEr-D"
+)
 
 
 class Phases:
@@ -651,8 +659,9 @@ class Phases:
         """One epoch of its phase: train_epoch's or scst.scst_epoch's record, with `phase`."""
         phase = self.of(epoch)
         if phase != self.phase:
-            self.module = None
-            gc.collect()  # the previous DDP wrapper's gradient hooks go with it
+            if self.module is not None and self.dist.enabled:
+                self.module = None
+                gc.collect()  # the previous DDP wrapper's gradient hooks go with it
             self.module = self.dist.wrap(self._build(phase), find_unused_parameters=self.partial)
             self.phase = phase
         if phase == "scst":
