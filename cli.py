@@ -58,6 +58,11 @@ class FeatureNorm(str, Enum):
     none = "none"
 
 
+class ScstBaseline(str, Enum):
+    mean = "mean"
+    greedy = "greedy"
+
+
 class Finetune(str, Enum):
     layer4 = "layer4"
 
@@ -278,6 +283,17 @@ def fit(
     freeze_embeddings: Annotated[
         bool, typer.Option("--freeze-embeddings", help="Keep the word vectors fixed.")
     ] = T.freeze_embeddings,
+    scst_after: Annotated[
+        int | None,
+        typer.Option(
+            help="Self-critical training (CIDEr-D rewards) in the epochs after N; N >= 1 cross-entropy epochs "
+            "first. With --resume: last.pt's when not given."
+        ),
+    ] = T.scst_after,
+    scst_baseline: Annotated[
+        ScstBaseline,
+        typer.Option(help="SCST baseline: mean reward of the image's other samples, or the greedy caption's."),
+    ] = ScstBaseline(T.scst_baseline),
 ) -> None:
     """Train the attention-LSTM decoder from the feature store (the ResNet50 is not run again; from a layer3
     store, its layer4 runs on each batch, and trains with the decoder with --finetune layer4).
@@ -315,6 +331,8 @@ def fit(
         finetune_after=finetune_after,
         embeddings=embeddings,
         freeze_embeddings=freeze_embeddings,
+        scst_after=scst_after,
+        scst_baseline=scst_baseline.value,
         typed=typed,
     )
     _call(_pipeline("train", "fit"), cfg, interrupted=_fit_interrupted(out))

@@ -108,6 +108,10 @@ class TrainConfig:
     embeddings: str = "random"
     freeze_embeddings: bool = False
     word2vec: Word2VecConfig = field(default_factory=Word2VecConfig)  # used with embeddings="word2vec"
+    # self-critical sequence training (pipeline/scst.py): the epochs after scst_after train on the CIDEr-D of
+    # sampled captions (None: never). A schedule option: honoured on --resume (not typed: last.pt's)
+    scst_after: int | None = None
+    scst_baseline: str = "mean"  # mean (of the image's other samples) | greedy (the greedy caption's reward)
     # the options the user typed (cli.py fills it; a script leaves it empty). With resume, each one that last.pt
     # decides must equal last.pt's value, or fit stops: a typed option is never silently overridden
     typed: tuple[str, ...] = ()

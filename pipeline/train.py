@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import torch
 
 from pipeline import checkpoint, history
 from pipeline.config import TrainConfig, Word2VecConfig
-from pipeline.console import info, progress
+from pipeline.console import info, progress, warn
 from pipeline.data import Batches, CaptionIndex, FeatureStats, feature_stats, validation_batches
 from pipeline.decode import decode_rows
 from pipeline.distributed import Dist, session
@@ -49,6 +50,7 @@ from pipeline.model import (
     run_encoder,
 )
 from pipeline.runtime import autocast
+from pipeline.scst import BASELINES, Rewards, SelfCriticalTraining, collapsing, scst_epoch
 from pipeline.store import FeatureStore, layer_of
 from pipeline.vocab import Vocabulary
 
@@ -112,6 +114,10 @@ RESUMED_KEYS = (
     "freeze_embeddings",
     "word2vec",
 )
+# Schedule options (not RESUMED_KEYS: --resume honours them), that a resumed run takes from last.pt when the
+# command does not give them: `fit --resume` alone continues an SCST schedule instead of falling back to
+# cross-entropy
+SCST_KEYS = ("scst_after", "scst_baseline")
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,25 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("--encoder-lr must be positive")
     if cfg.finetune_after < 0:
         raise UserError("--finetune-after must be at least 0")
+    check_scst(cfg)
+
+
+def check_scst(cfg: TrainConfig, records: list[dict] | None = None, epochs_done: int = 0) -> None:
+    """SCST settings, and that SCST starts from a model trained with cross-entropy: sampled from an untrained
+    decoder, captions score a CIDEr-D of ~0 whatever it does, the advantages are 0 and nothing is learnt.
+    `records` (a resumed run's metrics) count the cross-entropy epochs already done."""
+    if cfg.scst_baseline not in BASELINES:
+        raise UserError(f"--scst-baseline takes {', '.join(BASELINES)}, not {cfg.scst_baseline!r}")
+    if cfg.scst_after is None or cfg.scst_after >= cfg.epochs:
+        return
+    done = [r for r in records or [] if r.get("phase", "xe") == "xe" and r["epoch"] <= cfg.scst_after]
+    xe_epochs = len(done) + max(0, cfg.scst_after - epochs_done)
+    if cfg.scst_after < 1 or xe_epochs < 1:
+        raise UserError(
+            f"--scst-after {cfg.scst_after} would start self-critical training on a decoder with no "
+            "cross-entropy training: its sampled captions score a CIDEr-D of about 0, which gives no signal. "
+            "Train with cross-entropy first (--scst-after N, N >= 1, e.g. --epochs 50 --scst-after 30)"
+        )
 
 
 def check_finetune(cfg: TrainConfig, store: FeatureStore) -> None:
@@ -324,6 +349,9 @@ def resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     # checkpoints from before word vectors: random and trained, whatever this command line says
     resumed.setdefault("embeddings", "random")
     resumed.setdefault("freeze_embeddings", False)
+    # the SCST schedule is the command line's when given (typed, or set by a script), else last.pt's
+    given = {k for k in SCST_KEYS if k in cfg.typed or getattr(cfg, k) != getattr(TrainConfig, k)}
+    resumed |= {k: saved[k] for k in SCST_KEYS if k in saved and k not in given}
     clashes = [k for k in cfg.typed if k in resumed and getattr(cfg, k) != resumed[k]]
     if clashes:
         shown = ", ".join(f"{_option(k, getattr(cfg, k))} (last.pt: {_option(k, resumed[k], True)})" for k in clashes)
@@ -515,6 +543,7 @@ def fit(cfg: TrainConfig) -> dict:
         ckpt = dist.decide(claim_out)
         if ckpt is not None:
             cfg = resume_config(cfg, ckpt["train_config"])
+            check_scst(cfg, _resumed_history(ckpt, files), ckpt["epoch"])
         data = dist.check(lambda: _prepare_checked(cfg, ckpt, files, dist.world))
         if ckpt is None:
             state = start(cfg, data, dist.device)
@@ -556,9 +585,7 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
     val = validation_set(data, cfg, dist)
     if cfg.compile:
         compile_cell(state.model.decoder)
-    # layer4 trains only after --finetune-after epochs: until then DDP must expect parameters without gradients
-    partial = cfg.finetune is not None and cfg.finetune_after > state.epoch
-    module = dist.wrap(CaptionTraining(state.model, cfg.attention_penalty), find_unused_parameters=partial)
+    phases = Phases(state.model, data, cfg, dist, state.epoch)
     info(
         f"fit: {len(data.train_rows)} train / {len(data.val_rows)} val images, vocabulary {len(data.vocab)}, "
         f"{count_parameters(state.model, trainable=True) / 1e6:.1f}M parameters trained, device {device}"
@@ -570,13 +597,15 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
         )
     )
     encoder_note(cfg, data.store)
+    if cfg.scst_after is not None and cfg.scst_after < cfg.epochs and val.metric != "val_cider_d":
+        warn(_SCST_BY_LOSS)
     if val.metric == "neg_train_loss":
         info(f"{data.store.path} has no validation images: model.pt will be the epoch with the lowest training loss")
     record: dict = {}
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         dist.seed_epoch(cfg.seed, epoch)
         state.model.train_encoder = trains_encoder(cfg, epoch)
-        record = {"epoch": epoch} | train_epoch(module, state.optimizer, train, epoch, cfg, dist)
+        record = {"epoch": epoch} | phases.train(epoch, state.optimizer, train)
         state.scheduler.step()
         record["lr"] = state.optimizer.param_groups[0]["lr"]
         if cfg.finetune is not None:
@@ -589,7 +618,64 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
         if dist.is_main:
             save_epoch(files, state, data, cfg, is_best)
             info(_epoch_line(record, is_best, val.sample_name))
+            if record["phase"] == "scst" and collapsing(state.records):
+                warn(_collapse_line(state))
     return record
+
+
+_SCST_BY_LOSS = (
+    "SCST raises the cross-entropy it does not optimise, and model.pt is chosen by loss here (no validation images "
+    "decoded): it will likely stay a cross-entropy epoch; give --val-decode-images N to choose it by CIDEr-D"
+)
+
+
+class Phases:
+    """The module each epoch trains, by its phase: `CaptionTraining` (cross-entropy, "xe") up to
+    cfg.scst_after, `scst.SelfCriticalTraining` ("scst") after it; DDP-wrapped under torchrun, one wrapper at a
+    time (two wrappers on the same parameters would both hook their gradients). The SCST rewards' CIDEr-D
+    tables are built once, when the first SCST epoch starts."""
+
+    def __init__(self, model: CaptionModel, data: TrainingData, cfg: TrainConfig, dist: Dist, epochs_done: int) -> None:
+        self.model, self.data, self.cfg, self.dist = model, data, cfg, dist
+        # layer4 trains only after --finetune-after epochs: until then DDP must expect parameters without gradients
+        self.partial = cfg.finetune is not None and cfg.finetune_after > epochs_done
+        self.phase = ""
+        self.module: torch.nn.Module | None = None
+        self.rewards: Rewards | None = None
+
+    def of(self, epoch: int) -> str:
+        """The phase of `epoch`."""
+        return "scst" if self.cfg.scst_after is not None and epoch > self.cfg.scst_after else "xe"
+
+    def _build(self, phase: str) -> torch.nn.Module:
+        if phase == "xe":
+            return CaptionTraining(self.model, self.cfg.attention_penalty)
+        if self.rewards is None:
+            self.rewards = Rewards(self.data.vocab, self.data.captions, self.data.train_rows)
+            info(f"self-critical training (CIDEr-D rewards, {self.cfg.scst_baseline} baseline) from this epoch on")
+        return SelfCriticalTraining(self.model, self.rewards, self.cfg.scst_baseline, max_steps=self.cfg.max_len - 1)
+
+    def train(self, epoch: int, optimizer: torch.optim.Optimizer, batches: Batches) -> dict:
+        """One epoch of its phase: train_epoch's or scst.scst_epoch's record, with `phase`."""
+        phase = self.of(epoch)
+        if phase != self.phase:
+            if self.module is not None and self.dist.enabled:
+                self.module = None
+                gc.collect()  # the previous DDP wrapper's gradient hooks go with it
+            self.module = self.dist.wrap(self._build(phase), find_unused_parameters=self.partial)
+            self.phase = phase
+        if phase == "scst":
+            return scst_epoch(self.module, optimizer, batches, epoch, self.cfg, self.dist)
+        return {"phase": "xe"} | train_epoch(self.module, optimizer, batches, epoch, self.cfg, self.dist)
+
+
+def _collapse_line(state: TrainingState) -> str:
+    rewards = [f"{r['reward']:.3f}" for r in state.records if r.get("phase") == "scst"][-4:]
+    return (
+        f"SCST: the mean sampled reward fell 3 epochs in a row ({' > '.join(rewards)}): the policy may be "
+        f"collapsing (try a lower --lr). model.pt stays the epoch with the best validation score "
+        f"(epoch {state.best.epoch}, {state.best.metric} {state.best.score:.3f})"
+    )
 
 
 def trains_encoder(cfg: TrainConfig, epoch: int) -> bool:
@@ -761,8 +847,9 @@ def _fits_on_gpu(cfg: TrainConfig, batches: Batches, device: torch.device) -> bo
 def _epoch_line(record: dict, is_best: bool, sample_name: str) -> str:
     cider = f" val CIDEr-D {record['val_cider_d']:.3f}" if "val_cider_d" in record else ""
     val = f"{record['val_loss']:.3f}" if math.isfinite(record["val_loss"]) else "-"
+    scst = f" scst reward {record['reward']:.3f} baseline {record['baseline']:.3f}" if "reward" in record else ""
     return (
-        f"epoch {record['epoch']}: train loss {record['train_loss']:.3f} val loss {val}{cider} "
+        f"epoch {record['epoch']}:{scst} train loss {record['train_loss']:.3f} val loss {val}{cider} "
         f"{record['seconds']:.1f}s {record['samples_per_second']:,.0f} samples/s{' *best*' if is_best else ''}"
         f" | {sample_name}: {record['sample']}"
     )

@@ -233,7 +233,7 @@ def layer3_store(tmp_path_factory):
 def scenarios(store20, layer3_store, images7, extracted1, env, tmp_path_factory):
     """Run tests/ddp_scenarios.py under torchrun, 2 processes. Returns (results, folders)."""
     base = tmp_path_factory.mktemp("scenarios")
-    names = ("ddp_fit", "ddp_finetune", "whole", "split", "split_copy", "single", "partial.h5", "fresh.h5")
+    names = ("ddp_fit", "ddp_finetune", "whole", "split", "split_copy", "single", "partial.h5", "fresh.h5", "scst")
     d = {name: base / name for name in names}
     fit(TrainConfig(store=str(store20.path), out=str(d["single"]), epochs=1, batch_size=4, lr=0.01, device="cpu",
                     min_word_count=1, val_decode_images=3, decoder="tiny", dropout=0.3, captions_per_image=2))
@@ -254,6 +254,8 @@ def scenarios(store20, layer3_store, images7, extracted1, env, tmp_path_factory)
         ("split_2", _fit_args(store20.path, d["split"], "--epochs", "2", "--resume"), [d["split"], d["split_copy"]]),
         ("single_then_2", _fit_args(store20.path, d["single"], "--epochs", "2", "--resume")),
         ("refused", _fit_args(store20.path, d["whole"], "--epochs", "3")),
+        ("scst", _fit_args(store20.path, d["scst"], "--batch-size", "4", "--epochs", "2", "--scst-after", "1",
+                           "--val-decode-images", "3")),  # fmt: skip
         ("extract_fresh", _extract_args(images7, d["fresh.h5"])),
         ("extract_resume", _extract_args(images7, d["partial.h5"])),
     ]
@@ -292,6 +294,21 @@ def test_two_process_fit_writes_one_set_of_files_and_one_line_per_epoch(scenario
     assert rank1["stdout"] == rank1["stderr"] == rank0["stderr"] == ""  # rank 0 alone prints
     last = _load(out / "last.pt")
     assert last["epoch"] == 2 and last["train_config"]["batch_size"] == 4
+
+
+@pytest.mark.slow
+def test_two_process_scst_after_cross_entropy_in_one_run(scenarios):
+    """The SCST step runs inside the DDP-wrapped module's forward; the cross-entropy wrapper is replaced by the
+    SCST one between the phases. Rewards and baselines are averaged over the ranks, rank 0 alone prints."""
+    results, d = scenarios
+    _ok(results, "scst")
+    metrics = _metrics(d["scst"])
+    assert [m["phase"] for m in metrics] == ["xe", "scst"] and all(m["processes"] == 2 for m in metrics)
+    assert metrics[1]["reward"] >= 0 and metrics[1]["baseline"] >= 0
+    rank0, rank1 = results["commands"]["scst"]
+    assert sum(line.startswith("epoch 2: scst reward") for line in rank0["stdout"].splitlines()) == 1
+    assert rank1["stdout"] == rank1["stderr"] == ""
+    assert _load(d["scst"] / "last.pt")["epoch"] == 2
 
 
 @pytest.mark.slow
