@@ -223,12 +223,13 @@ def _choices(option) -> set[str] | None:
 def _library_choices(command: str) -> dict[str, set[str]]:
     """What the library accepts for each option that the CLI offers as a choice."""
     from pipeline.encoder import ENCODER_NAMES
+    from pipeline.scst import BASELINES
     from pipeline.store import DTYPES
     from pipeline.train import FEATURE_NORMS, FINETUNE_LAYERS
 
     return {
         "extract": {"dtype": set(DTYPES), "layer": set(ENCODER_NAMES)},
-        "fit": {"feature_norm": set(FEATURE_NORMS), "finetune": set(FINETUNE_LAYERS)},
+        "fit": {"feature_norm": set(FEATURE_NORMS), "finetune": set(FINETUNE_LAYERS), "scst_baseline": set(BASELINES)},
         "evaluate": {"split": set(EVAL_SPLITS)},
     }.get(command, {})
 
