@@ -73,6 +73,7 @@ def _fit(store_path, out, **kw) -> None:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # two fits of 12 epochs: ~30 s on 2 cores
 def test_captions_name_what_a_linear_probe_reads_from_badly_scaled_features(scaled, tmp_path):
     path, truth = scaled
     with FeatureStore(path) as store:
