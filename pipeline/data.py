@@ -212,6 +212,9 @@ def validation_batches(
     return Batches(store, captions, rows, max(batch_size, VALIDATION_BATCH_IMAGES), VALIDATION_CAPTIONS, device)
 
 
+STD_FLOOR = 0.1  # of the median channel's deviation: see feature_stats
+
+
 @dataclass(frozen=True)
 class FeatureStats:
     """Per-channel statistics of the features the decoder reads, over the training rows: what fit normalises
@@ -234,8 +237,11 @@ def feature_stats(
     read `batch_size` rows at a time and summed in float64. `encode`: what the decoder reads is not the stored
     rows but encode(rows) (layer4 run on a layer3 store's rows).
 
-    A channel that hardly varies over the training images (a ReLU output that is almost always 0) would be
-    blown up by its tiny deviation: deviations are floored at 1e-3 of the typical channel's."""
+    A channel that hardly varies over the training images (a ReLU output that is almost always 0: 48 of a random
+    ResNet50's 2,048 on the demo) would be blown up by its tiny deviation the moment it varies, on a new photo or
+    in a layer4 being fine-tuned (measured: `demo --finetune` then learned nothing, its loss flat at the language
+    prior): deviations are floored at a tenth of the median channel's, so no channel is amplified more than ten
+    times the typical one."""
     pick = np.unique(rows[np.linspace(0, len(rows) - 1, min(sample, len(rows))).astype(int)])
     total = square = None
     count = 0
@@ -252,7 +258,7 @@ def feature_stats(
     mean = total / count
     var = (square / count - mean.square()).clamp_min(0)
     std = var.sqrt()
-    floor = 1e-3 * float(std.median()) if float(std.median()) > 0 else 1e-6
+    floor = STD_FLOOR * float(std.median()) if float(std.median()) > 0 else 1e-6
     rms = float((square.sum() / (count * len(mean))).sqrt())
     return FeatureStats(mean.float(), std.clamp_min(floor).float(), rms)
 

@@ -230,7 +230,7 @@ def test_full_size_decoder_learns_and_writes_loadable_checkpoints(store20, tmp_p
     cells = train_feats.reshape(-1, train_feats.shape[-1])
     assert last["model_config"]["feature_norm"] and last["model_config"]["feature_scale"] == 1.0
     np.testing.assert_allclose(last["model"]["feature_mean"].numpy(), cells.mean(0), rtol=1e-4, atol=1e-6)
-    std = np.maximum(cells.std(0), 1e-3 * np.median(cells.std(0)))
+    std = np.maximum(cells.std(0), 0.1 * np.median(cells.std(0)))  # no channel amplified over 10x the typical
     np.testing.assert_allclose(1 / last["model"]["feature_inv_std"].numpy(), std, rtol=1e-4)
     assert last["epoch"] == 3 and best["epoch"] == 3  # val loss fell every epoch: the last is the best
     assert {"optimizer", "scheduler", "rng"} <= last.keys()

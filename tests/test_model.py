@@ -462,3 +462,18 @@ def test_n_best_of_a_known_distribution():
     assert [h.attention.shape for h in out.beams] == [(1, P), (2, P), (2, P)]
     one = beam_search(MarkovModel(), torch.zeros(1, 7, 7, 2048), beam_size=1, max_steps=6, n_best=3)[0]
     assert [h.tokens for h in one.beams] == [one.tokens] == [[4, 6]]
+
+
+def test_feature_statistics_never_amplify_a_channel_dead_in_training():
+    """A ReLU channel that is 0 on every training image must not be blown up the day it is not (a new photo, or a
+    layer4 being fine-tuned): its deviation is floored at a tenth of the median channel's."""
+    from pipeline.data import STD_FLOOR, feature_stats
+
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.standard_normal((16, 7, 7, 64))).astype(np.float32) * 3.0
+    feats[..., 5] = 0.0  # dead in training
+    stats = feature_stats(feats, np.arange(16))
+    typical = float(stats.std.median())
+    assert float(stats.std[5]) == pytest.approx(STD_FLOOR * typical, rel=1e-5)
+    assert float(stats.mean[5]) == 0.0
+    np.testing.assert_allclose(stats.mean.numpy()[:5], feats[..., :5].reshape(-1, 5).mean(0), rtol=1e-5)
