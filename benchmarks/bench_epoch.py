@@ -30,7 +30,7 @@ def _epoch(ours: OurTraining, device: torch.device, warmup: int) -> tuple[float,
 def run(ctx: Context) -> list[Table]:
     from pipeline.encoder import build_layer4
     from pipeline.store import FeatureStore
-    from pipeline.train import TrainConfig, _fits_on_gpu
+    from pipeline.train import TrainConfig, fits_on_gpu
 
     dev = ctx.device
     n = ctx.pick(256, EPOCH_IMAGES)
@@ -45,7 +45,7 @@ def run(ctx: Context) -> list[Table]:
         store = FeatureStore(path)
         encoder = build_layer4("none")[0] if finetune else None
         ours = OurTraining(store, vocab, 32, cpi, dev, encoder=encoder)
-        resident = dev.type == "cuda" and _fits_on_gpu(TrainConfig(), ours.batches, dev)
+        resident = dev.type == "cuda" and fits_on_gpu(TrainConfig(), ours.batches, dev)
         if resident:
             ours.batches.make_resident()
         ctx.log(f"{layer} store, finetune {finetune}, {cpi} captions per image: one epoch of {len(ours.batches)} steps")

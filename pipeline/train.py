@@ -80,6 +80,7 @@ __all__ = [  # the API that fine-tuning, torchrun and the benchmarks build on; T
     "Validation",
     "RESUMED_KEYS",
     "SELECTION_METRICS",
+    "fits_on_gpu",
 ]
 FINETUNE_LAYERS = ("layer4",)
 FEATURE_NORMS = ("channel", "rms", "none")  # TrainConfig.feature_norm
@@ -580,7 +581,7 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
         data.store, data.captions, data.train_rows, cfg.batch_size, cfg.captions_per_image, device,
         rank=dist.rank, world=dist.world,
     )
-    if _fits_on_gpu(cfg, train, device):
+    if fits_on_gpu(cfg, train, device):
         train.make_resident()
     val = validation_set(data, cfg, dist)
     if cfg.compile:
@@ -831,7 +832,7 @@ def _check_resumable(ckpt: dict, data: TrainingData, path: Path) -> None:
         raise UserError(f"{path} has a vocabulary that does not match the captions of {data.store.path}")
 
 
-def _fits_on_gpu(cfg: TrainConfig, batches: Batches, device: torch.device) -> bool:
+def fits_on_gpu(cfg: TrainConfig, batches: Batches, device: torch.device) -> bool:
     """Whether to copy the training features to the GPU once (cfg.resident: auto | yes | no)."""
     if device.type != "cuda" or cfg.resident == "no":
         return False

@@ -32,7 +32,7 @@ def _pipeline_imports(path: Path) -> list[tuple[str, str]]:
 
 
 # private names the benchmarks still import, each with why it is left (empty this list to close the issue)
-KNOWN_PRIVATE = {("pipeline.train", "_fits_on_gpu")}  # fit's residency rule; pipeline/train.py is edited elsewhere
+KNOWN_PRIVATE: set[tuple[str, str]] = set()  # private names a benchmark may import: none
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
