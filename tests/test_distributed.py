@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from assertions import assert_same
 from helpers_store import ROOT, make_store
 
 from pipeline import distributed
@@ -59,21 +60,6 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _assert_same(a, b, where: str = "") -> None:
-    """Equal nested checkpoint content, tensors bit for bit."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}/{i}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +151,7 @@ def test_one_process_fit_makes_no_group_nor_wrapper_and_equals_a_plain_loop(stor
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-    _assert_same(_load(tmp_path / "out" / "last.pt")["model"], {k: v.detach() for k, v in model.state_dict().items()})
+    assert_same(_load(tmp_path / "out" / "last.pt")["model"], {k: v.detach() for k, v in model.state_dict().items()})
 
 
 def test_torchrun_environment_is_read(monkeypatch):
@@ -376,8 +362,8 @@ def test_resume_under_torchrun_ends_where_an_uninterrupted_run_ends(scenarios):
     whole, split = _load(d["whole"] / "last.pt"), _load(d["split"] / "last.pt")
     assert whole["epoch"] == split["epoch"] == 2
     for key in ("model", "optimizer", "scheduler", "best", "rng"):
-        _assert_same(whole[key], split[key], key)
-    _assert_same(_load(d["whole"] / "model.pt")["model"], _load(d["split"] / "model.pt")["model"])
+        assert_same(whole[key], split[key], key)
+    assert_same(_load(d["whole"] / "model.pt")["model"], _load(d["split"] / "model.pt")["model"])
     for a, b in zip(_metrics(d["whole"]), _metrics(d["split"]), strict=True):
         for key in ("epoch", "train_loss", "val_loss", "val_cider_d", "sample", "lr", "processes"):
             assert a[key] == b[key], key

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from assertions import assert_same
 from helpers_store import ROOT, class_captions, make_store
 
 from pipeline import checkpoint
@@ -62,21 +63,6 @@ def _assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
-def _assert_same(a, b, where: str = "") -> None:
-    """Equal nested checkpoint content: tensors bit for bit."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}/{i}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
 
 
 def _fit_args(store: Path, out: Path, *extra: str, val_decode: int = 0) -> list[str]:
@@ -259,7 +245,7 @@ def _assert_same_run(reference: Path, out: Path) -> None:
     assert resumed["epoch"] == full["epoch"] == RESUMED["epochs"]
     _assert_same_weights(full["model"], resumed["model"])
     for key in ("optimizer", "scheduler", "best", "rng"):
-        _assert_same(full[key], resumed[key], key)
+        assert_same(full[key], resumed[key], key)
     best_full, best_resumed = _load(reference / "model.pt"), _load(out / "model.pt")
     assert best_full["epoch"] == best_resumed["epoch"] == full["best"]["epoch"]
     assert full["best"]["metric"] == "val_cider_d"

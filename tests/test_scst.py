@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from assertions import assert_same
 from helpers_store import make_store
 
 from pipeline.model import Decoder, DecoderConfig
@@ -152,20 +153,6 @@ def test_scst_raises_validation_cider_over_its_cross_entropy_start(tmp_path):
     assert _load(out / "model.pt")["epoch"] == _load(out / "last.pt")["best"]["epoch"] > 5
 
 
-def _assert_same(a, b, where: str = "") -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}/{i}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
 
 
 def test_resume_in_the_scst_phase_is_exact(store20, tmp_path, baseline="mean"):
@@ -177,8 +164,8 @@ def test_resume_in_the_scst_phase_is_exact(store20, tmp_path, baseline="mean"):
     fit(_cfg(store20.path, split, resume=True, scst_after=None))
     a, b = _load(whole / "last.pt"), _load(split / "last.pt")
     for key in ("model", "optimizer", "scheduler", "best", "rng", "epoch"):
-        _assert_same(a[key], b[key], key)
-    _assert_same(_load(whole / "model.pt")["model"], _load(split / "model.pt")["model"])
+        assert_same(a[key], b[key], key)
+    assert_same(_load(whole / "model.pt")["model"], _load(split / "model.pt")["model"])
     ma, mb = _metrics(whole), _metrics(split)
     assert [m["phase"] for m in mb] == ["xe", "xe", "scst", "scst"]
     for x, y in zip(ma, mb, strict=True):
