@@ -17,8 +17,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from assertions import assert_same
 from helpers_store import make_store
-from test_fit import _assert_same, _assert_same_weights, _cfg, _error_line, _fit_args, _load, _metrics
+from test_fit import _assert_same_weights, _cfg, _error_line, _fit_args, _load, _metrics
 
 from pipeline import checkpoint
 from pipeline.encoder import FEATURE_SHAPES, FrozenBatchNorm2d, build_layer4, build_resnet50, split_resnet50
@@ -173,7 +174,7 @@ def test_finetune_resume_is_exact(l3store, finetuned, tmp_path):
     _assert_same_weights(a["model"], b["model"])
     _assert_same_weights(a["layer4"], b["layer4"])
     for key in ("optimizer", "scheduler", "rng", "best", "finetune"):
-        _assert_same(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
     assert [m["train_loss"] for m in _metrics(full)] == [m["train_loss"] for m in _metrics(split)]
 
 
