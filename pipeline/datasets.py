@@ -447,24 +447,25 @@ def _repair_stray_names(
         if m and disk.find(rel) is None:
             problems[REPAIRED_NAMES] += 1
             rel = rel.with_name(m.group("base"))
-        if rel in out:
-            out[rel].captions.extend(entry.captions)
-            out[rel].split = out[rel].split or entry.split
-        else:
-            out[rel] = entry
+        _join(out, rel, entry)
     return out
+
+
+def _join(out: dict, key: object, entry: _Entry) -> None:
+    """Add `entry` to `out` under `key`; when the key is there already, its captions join that entry's (in file
+    order) and the first split given wins."""
+    if key in out:
+        out[key].captions.extend(entry.captions)
+        out[key].split = out[key].split or entry.split
+    else:
+        out[key] = entry
 
 
 def _merge_nfc(entries: dict[str, _Entry]) -> dict[str, _Entry]:
     """The entries keyed by NFC name: an image listed once in NFC and once in NFD is one image."""
     out: dict[str, _Entry] = {}
     for name, entry in entries.items():
-        key = _nfc(name)
-        if key in out:
-            out[key].captions.extend(entry.captions)
-            out[key].split = out[key].split or entry.split
-        else:
-            out[key] = entry
+        _join(out, _nfc(name), entry)
     return out
 
 

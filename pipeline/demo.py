@@ -289,6 +289,25 @@ def _clear(out: Path) -> None:
         (out / "images").rmdir()
 
 
+def _report_attributes(result: dict, model: Path, store: Path, truth: dict[str, dict]) -> None:
+    """How often the test captions name each attribute, next to the linear probe's ceiling, and where the
+    attention goes while they name a colour or a shape."""
+    probe = probe_accuracy(store, truth)
+    info(
+        "\nhow often a test caption names the right attribute, next to the ceiling: what a linear classifier reads "
+        "from the same features (chance = a random guess):"
+    )
+    for attr, (acc, chance) in attribute_accuracy(result["captions"], truth).items():
+        info(f"  {attr:7s} captions {acc:6.1%}   linear probe {probe[attr]:6.1%}   chance {chance:6.1%}")
+    att = object_attention(model, store, truth)
+    info("attention on the object while a test caption names a colour or a shape (1x = spread evenly):")
+    for kind in ("colour", "shape"):
+        info(
+            f"  {kind:7s} {att[f'{kind}_mass']:6.1%} of the attention on an object covering "
+            f"{att[f'{kind}_share']:5.1%} of the image: {att[f'{kind}_ratio']:.1f}x its share"
+        )
+
+
 def _run(cfg: DemoConfig) -> dict:
     """Each stage in turn, in the demo's folder. A long function: it is the demo's script, read top to bottom."""
     from pipeline.evaluate import EvaluateConfig, evaluate
@@ -323,21 +342,9 @@ def _run(cfg: DemoConfig) -> dict:
     )
     print_scores(result)
     data = json.loads(captions.read_text(encoding="utf-8"))["images"]
-    truth = {f"{e['filepath']}/{e['filename']}": e["attributes"] for e in data}
-    probe = probe_accuracy(store, truth)
-    info(
-        "\nhow often a test caption names the right attribute, next to the ceiling: what a linear classifier reads "
-        "from the same features (chance = a random guess):"
+    _report_attributes(
+        result, cfg.out / "model.pt", store, {f"{e['filepath']}/{e['filename']}": e["attributes"] for e in data}
     )
-    for attr, (acc, chance) in attribute_accuracy(result["captions"], truth).items():
-        info(f"  {attr:7s} captions {acc:6.1%}   linear probe {probe[attr]:6.1%}   chance {chance:6.1%}")
-    att = object_attention(cfg.out / "model.pt", store, truth)
-    info("attention on the object while a test caption names a colour or a shape (1x = spread evenly):")
-    for kind in ("colour", "shape"):
-        info(
-            f"  {kind:7s} {att[f'{kind}_mass']:6.1%} of the attention on an object covering "
-            f"{att[f'{kind}_share']:5.1%} of the image: {att[f'{kind}_ratio']:.1f}x its share"
-        )
     info("\ncaptions of test images next to one of their references:")
     for c in result["captions"][:6]:
         info(f"  {c['image']}: {c['caption']!r}   (reference: {c['references'][0]!r})")
