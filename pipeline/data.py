@@ -10,6 +10,7 @@ on the device, in the model: pipeline.model.CaptionModel).
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -276,6 +277,21 @@ def feature_scale(
     return 1.0 / rms if rms > 0 else 1.0
 
 
+_RUNNING: set[tuple[threading.Event, threading.Thread]] = set()  # the live _background threads
+
+
+@atexit.register
+def _stop_background() -> None:
+    """Stop the prefetch threads before the interpreter's finalisation. A generator left open by an exception
+    (Ctrl-C in the middle of an epoch: the traceback holds its frame, so its `finally` has not run) leaves its
+    daemon thread running; finalisation freezes a daemon thread wherever it is, and if that is inside h5py
+    (an h5py object freed by a garbage collection that ran on that thread) it holds h5py's global lock, and the
+    main thread, freeing its own h5py objects, waits for it forever: fit hung after Ctrl-C, rarely."""
+    for stop, thread in list(_RUNNING):
+        stop.set()
+        thread.join(timeout=5)
+
+
 def _background(items: Iterator, depth: int) -> Iterator:
     """Run a generator in a thread, `depth` items ahead (numpy's gathers release the GIL)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
@@ -297,7 +313,9 @@ def _background(items: Iterator, depth: int) -> Iterator:
         except BaseException as e:  # handed to the consumer, raised there
             q.put(e)
 
-    thread = threading.Thread(target=work, daemon=True)
+    thread = threading.Thread(target=work, name="batches-prefetch", daemon=True)
+    running = (stop, thread)
+    _RUNNING.add(running)
     thread.start()
     try:
         while True:
@@ -310,3 +328,4 @@ def _background(items: Iterator, depth: int) -> Iterator:
     finally:
         stop.set()
         thread.join(timeout=5)
+        _RUNNING.discard(running)

@@ -171,6 +171,35 @@ def test_batch_plan_depends_on_seed_and_epoch_only(store20):
         np.testing.assert_array_equal(batch.tokens.numpy(), ids)
 
 
+def test_an_epoch_broken_off_stops_its_prefetch_thread_before_the_interpreter_ends(store20, subprocess_env):
+    """Ctrl-C in the middle of an epoch leaves the batch generator open (the traceback holds its frame), and
+    its prefetch thread ran into the interpreter's finalisation, which freezes it wherever it is: inside
+    h5py's global lock, fit then hung at exit (seen once in CI). The thread is stopped before that."""
+    script = f"""
+import atexit, sys, threading
+def check():  # registered first, so it runs after pipeline.data's own exit handler
+    alive = [t.name for t in threading.enumerate() if t.name == "batches-prefetch"]
+    print("alive:", alive, flush=True)
+atexit.register(check)
+sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_fit import _batches
+from helpers_store import make_store
+import pathlib
+class S: path = pathlib.Path({str(store20.path)!r})
+batches, _ = _batches(S, batch_size=1)
+it = batches.iterate(epoch=1, seed=0)
+next(it)
+try:
+    raise KeyboardInterrupt
+except KeyboardInterrupt as e:
+    kept = e  # the traceback, and with it the open generator, live on, as after fit's Ctrl-C
+print("epoch broken off", flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=subprocess_env)
+    assert out.returncode == 0, out.stderr
+    assert "epoch broken off" in out.stdout and "alive: []" in out.stdout, out.stdout + out.stderr
+
+
 @pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # fit printed it on GPUs
 def test_resident_features_give_the_same_batches_as_the_memory_map(store20):
     """The GPU path (features copied once, gathered there) exercised on the CPU, in chunks of 3 rows."""
