@@ -90,11 +90,33 @@ class DecoderState:
     c: torch.Tensor  # (B, G, H)
     features: torch.Tensor  # (B, P, D)
     projected: torch.Tensor  # (B, P, A) = f_att(features), once per image
+    # The step API's per-image tensors (Decoder.init_state with `for_steps`), None in teacher-forced training:
+    # context_gates (B, P, 4H) = W_ctx F_p, each cell's contribution to the gates, so that a step's context
+    # part is alpha @ context_gates instead of W_ctx (alpha @ F); weights: the step's weight matrices, joined
+    # once instead of at every step.
+    context_gates: torch.Tensor | None = None
+    weights: StepWeights | None = None
 
     def select(self, image_index: torch.Tensor, group_index: torch.Tensor) -> DecoderState:
         """Reorder sequences within each image: new h[b, g] = h[b, group_index[b, g]] (beam search)."""
         idx = group_index.unsqueeze(-1).expand(-1, -1, self.h.shape[-1])
-        return DecoderState(self.h.gather(1, idx), self.c.gather(1, idx), self.features, self.projected)
+        return self.advance(self.h.gather(1, idx), self.c.gather(1, idx))
+
+    def advance(self, h: torch.Tensor, c: torch.Tensor) -> DecoderState:
+        """The state after a step: new h and c, the same per-image tensors."""
+        return DecoderState(h, c, self.features, self.projected, self.context_gates, self.weights)
+
+
+@dataclass
+class StepWeights:
+    """The decoder's weights arranged for the recurrence: the gates' word part with the gates' bias, their
+    hidden part joined with h_att (and f_beta) into one matmul, and their context part."""
+
+    word: torch.Tensor  # (4H, E)
+    bias: torch.Tensor  # (4H,)
+    hidden: torch.Tensor  # (4H + A [+ D], H)
+    hidden_bias: torch.Tensor
+    context: torch.Tensor  # (4H, D)
 
 
 class Attention(nn.Module):
@@ -136,24 +158,27 @@ class Decoder(nn.Module):
             self.feature_inv_std.copy_(1.0 / std)
 
     # -- the weights, split the way the fast path uses them ------------------------------------------
-    def _split_gates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step_weights(self) -> StepWeights:
+        """The gates' weights split by input (word, hidden, context), with one matmul on h for the gates' hidden
+        part and the attention query (and the SAT gate)."""
         e, h = self.cfg.embed_dim, self.cfg.hidden_dim
         w = self.gates.weight
-        return w[:, :e], w[:, e : e + h], w[:, e + h :]  # word, hidden, context parts
-
-    def _hidden_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One matmul on h gives the gates' hidden part and the attention query (and the SAT gate)."""
-        _, w_h, _ = self._split_gates()
-        parts_w = [w_h, self.attention.h_att.weight]
+        parts_w = [w[:, e : e + h], self.attention.h_att.weight]
         parts_b = [torch.zeros_like(self.gates.bias), self.attention.h_att.bias]
         if self.cfg.gate:
             parts_w.append(self.f_beta.weight)
             parts_b.append(self.f_beta.bias)
-        return torch.cat(parts_w, 0), torch.cat(parts_b, 0)
+        return StepWeights(w[:, :e], self.gates.bias, torch.cat(parts_w, 0), torch.cat(parts_b, 0), w[:, e + h :])
 
     # -- step API ---------------------------------------------------------------------------------------
-    def init_state(self, features: torch.Tensor, groups: int = 1) -> DecoderState:
-        """features (B, 7, 7, D) or (B, P, D), any float dtype -> state for `groups` sequences per image."""
+    def init_state(self, features: torch.Tensor, groups: int = 1, for_steps: bool = True) -> DecoderState:
+        """features (B, 7, 7, D) or (B, P, D), any float dtype -> state for `groups` sequences per image.
+
+        `for_steps` (the step API: greedy, beam search, SCST's samples) also computes what every step reuses:
+        the joined weights, and each cell's contribution to the gates, W_ctx F_p (B, P, 4H), once per image.
+        A step's context part is then alpha @ (W_ctx F) instead of W_ctx (alpha @ F): the same sum in another
+        order, and the 2048 x 2048 matrix is read once instead of at every step (on a CPU, at beam 3, reading
+        it was most of a step). Not with the SAT gate, which scales the context per channel before W_ctx."""
         dtype = self.gates.weight.dtype
         feats = features.reshape(features.shape[0], -1, features.shape[-1]).to(dtype)  # (B, P, D)
         if self.cfg.feature_scale != 1.0:
@@ -168,25 +193,29 @@ class Decoder(nn.Module):
         else:
             h = feats.new_zeros(b, groups, hdim)
             c = feats.new_zeros(b, groups, hdim)
-        return DecoderState(h, c, feats, self.attention.f_att(feats))
+        state = DecoderState(h, c, feats, self.attention.f_att(feats))
+        if for_steps:
+            state.weights = self.step_weights()
+            if not self.cfg.gate:
+                state.context_gates = F.linear(feats, state.weights.context)
+        return state
 
     def _cell(
-        self,
-        word_gates: torch.Tensor,
-        state: DecoderState,
-        w_hid: torch.Tensor,
-        b_hid: torch.Tensor,
-        w_ctx: torch.Tensor,
+        self, word_gates: torch.Tensor, state: DecoderState, weights: StepWeights
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One recurrence step. word_gates (B, G, 4H) already holds W_e emb + b. Returns h, c, alpha."""
         hdim, adim = self.cfg.hidden_dim, self.cfg.attention_dim
-        hid = F.linear(state.h, w_hid, b_hid)  # (B, G, 4H + A [+ D])
+        hid = F.linear(state.h, weights.hidden, weights.hidden_bias)  # (B, G, 4H + A [+ D])
         hid_gates, query = hid[..., : 4 * hdim], hid[..., 4 * hdim : 4 * hdim + adim]
         alpha = self.attention.weights(state.projected, query)  # (B, G, P)
-        context = torch.bmm(alpha, state.features)  # (B, G, D)
-        if self.cfg.gate:
-            context = torch.sigmoid(hid[..., 4 * hdim + adim :]) * context
-        gates = word_gates + hid_gates + F.linear(context, w_ctx)  # (B, G, 4H)
+        if state.context_gates is not None:
+            context_gates = torch.bmm(alpha, state.context_gates)  # (B, G, 4H)
+        else:
+            context = torch.bmm(alpha, state.features)  # (B, G, D)
+            if self.cfg.gate:
+                context = torch.sigmoid(hid[..., 4 * hdim + adim :]) * context
+            context_gates = F.linear(context, weights.context)
+        gates = word_gates + hid_gates + context_gates  # (B, G, 4H)
         i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -194,12 +223,11 @@ class Decoder(nn.Module):
 
     def step(self, state: DecoderState, tokens: torch.Tensor) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
         """tokens (B, G) -> logits (B, G, V), the next state, attention weights alpha (B, G, P)."""
-        w_e, _, w_ctx = self._split_gates()
-        w_hid, b_hid = self._hidden_weights()
-        word_gates = F.linear(self.embedding(tokens), w_e, self.gates.bias)
-        h, c, alpha = self._cell(word_gates, state, w_hid, b_hid, w_ctx)
+        weights = state.weights if state.weights is not None else self.step_weights()
+        word_gates = F.linear(self.embedding(tokens), weights.word, weights.bias)
+        h, c, alpha = self._cell(word_gates, state, weights)
         logits = self.fc_out(self.dropout(h))
-        return logits, DecoderState(h, c, state.features, state.projected), alpha
+        return logits, state.advance(h, c), alpha
 
     def forward(
         self,
@@ -229,21 +257,20 @@ class Decoder(nn.Module):
         only that prefix is computed (views, no copies), as Show, Attend and Tell does. The other images
         keep their state and their outputs at that step are stale: only for callers that mask them."""
         b, g, t = tokens.shape
-        state = self.init_state(features, groups=g)
-        w_e, _, w_ctx = self._split_gates()
-        w_hid, b_hid = self._hidden_weights()
-        word_gates = F.linear(self.embedding(tokens), w_e, self.gates.bias)  # (B, G, T, 4H), all steps at once
+        state = self.init_state(features, groups=g, for_steps=False)
+        weights = self.step_weights()
+        word_gates = F.linear(self.embedding(tokens), weights.word, weights.bias)  # (B, G, T, 4H), all steps at once
         hs, alphas = [], []
         for step in range(t):
             n = b if active is None else active[step]
             if n >= b:
-                h, c, alpha = self._cell(word_gates[:, :, step], state, w_hid, b_hid, w_ctx)
+                h, c, alpha = self._cell(word_gates[:, :, step], state, weights)
             else:
                 sub = DecoderState(state.h[:n], state.c[:n], state.features[:n], state.projected[:n])
-                h_n, c_n, a_n = self._cell(word_gates[:n, :, step], sub, w_hid, b_hid, w_ctx)
+                h_n, c_n, a_n = self._cell(word_gates[:n, :, step], sub, weights)
                 h, c = torch.cat([h_n, state.h[n:]]), torch.cat([c_n, state.c[n:]])
                 alpha = torch.cat([a_n, a_n.new_zeros(b - n, *a_n.shape[1:])])
-            state = DecoderState(h, c, state.features, state.projected)
+            state = state.advance(h, c)
             hs.append(h)
             alphas.append(alpha)
         return torch.stack(hs, dim=2), torch.stack(alphas, dim=2)  # (B, G, T, H), (B, G, T, P)
