@@ -191,7 +191,7 @@ def freeze_embeddings(model: Decoder, cfg: TrainConfig) -> None:
 def resume(ckpt: dict, cfg: TrainConfig, files: RunFiles, device: torch.device) -> TrainingState:
     """The run saved in last.pt (`ckpt`), continued: weights, optimizer, scheduler, RNG and best epoch. Under
     torchrun every rank resumes from rank 0's copy of last.pt; rank 0 then completes what a kill left unwritten
-    after it (`_complete_files`)."""
+    after it (`run_folder.complete_files`)."""
     model, _ = checkpoint.build_model(ckpt, files.last, layer_of(ckpt["store"]))
     if model.encoder is not None:
         model.encoder.requires_grad_(cfg.finetune is not None)
