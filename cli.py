@@ -224,6 +224,15 @@ def _typed(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
+def _train_config(ctx: typer.Context) -> T:
+    """fit's options as its TrainConfig: each option sets the field of its name (tests/test_cli.py checks that
+    they match), a choice as its value, a path as a string; `typed`: the options the user gave, since with
+    --resume last.pt decides most of them, and a typed one must agree with it."""
+    values = {k: v.value if isinstance(v, Enum) else v for k, v in ctx.params.items()}
+    values["store"], values["out"] = str(values["store"]), str(values["out"])
+    return T(**values, typed=tuple(sorted(k for k in ctx.params if _typed(ctx, k))))
+
+
 @app.command()
 def fit(
     ctx: typer.Context,
@@ -301,40 +310,7 @@ def fit(
     Writes OUT/model.pt (best by validation CIDEr-D), OUT/last.pt (for --resume), OUT/metrics.jsonl and
     OUT/curves.png.
     """
-    # which options were typed: with --resume, last.pt decides most of them, and a typed one must agree with it
-    typed = tuple(sorted(k for k in ctx.params if _typed(ctx, k)))
-    cfg = T(
-        store=str(store),
-        out=str(out),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        resume=resume,
-        device=device,
-        seed=seed,
-        min_word_count=min_word_count,
-        captions_per_image=captions_per_image,
-        grad_clip=grad_clip,
-        lr_step=lr_step,
-        lr_gamma=lr_gamma,
-        decoder=decoder,
-        init_from_features=init_from_features,
-        dropout=dropout,
-        gate=gate,
-        attention_penalty=attention_penalty,
-        feature_norm=feature_norm.value,
-        val_decode_images=val_decode_images,
-        amp=amp,
-        compile=compile,
-        finetune=finetune.value if finetune is not None else None,
-        encoder_lr=encoder_lr,
-        finetune_after=finetune_after,
-        embeddings=embeddings,
-        freeze_embeddings=freeze_embeddings,
-        scst_after=scst_after,
-        scst_baseline=scst_baseline.value,
-        typed=typed,
-    )
+    cfg = _train_config(ctx)
     _call(_pipeline("train", "fit"), cfg, interrupted=_fit_interrupted(out))
 
 

@@ -7,7 +7,7 @@ from the embedding, the same batches).
     uv run --extra word2vec python -m benchmarks.bench_embeddings --only demo --seeds 0 1 2
 
 Datasets:
-- `demo`: the demo's generated shapes (pipeline/demo.py: make_dataset, extract --weights none, fit as demo()
+- `demo`: the demo's generated shapes (pipeline/demo/: make_dataset, extract --weights none, fit as demo()
   runs it: 12 epochs, 5 captions per image, every word kept).
 - `flickr`: the real Flickr30k captions (Karpathy file in ../shared/data, read in place) of the first 2,000
   train and 400 val images, with random features in a real store: the images carry no information, so this

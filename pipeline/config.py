@@ -9,9 +9,12 @@ stays fast (importing torch takes seconds). `pipeline.extract.ExtractConfig`, `p
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pipeline.errors import UserError
 
 if TYPE_CHECKING:
     from pipeline.transform import TransformConfig
@@ -24,6 +27,9 @@ DEVICE = "auto"  # cuda when available, else cpu
 BEAM_SIZE = 3
 MAX_BEAM_SIZE = 50  # a wider beam only costs memory: (images x beam x vocabulary) log-probabilities per step
 EVAL_SPLITS = ("test", "val")  # what evaluate scores; never train, the captions the model learned
+FEATURE_NORMS = ("channel", "rms", "none")  # TrainConfig.feature_norm
+FINETUNE_LAYERS = ("layer4",)  # TrainConfig.finetune
+SCST_BASELINES = ("mean", "greedy")  # TrainConfig.scst_baseline (pipeline/scst.py)
 
 
 def _transform() -> TransformConfig:
@@ -119,6 +125,62 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """What checkpoints store as `train_config`: the settings (not `typed`, which belongs to one command)."""
         return {k: v for k, v in asdict(self).items() if k != "typed"}
+
+    def validate(self) -> None:
+        """Values that no training can start from, refused before any work."""
+        from pipeline.model import DECODER_PRESETS  # imports torch: here, when fit starts, not for `--help`
+
+        for name, value, low in (
+            ("epochs", self.epochs, 1),
+            ("batch-size", self.batch_size, 1),
+            ("captions-per-image", self.captions_per_image, 1),
+            ("min-word-count", self.min_word_count, 1),
+            ("val-decode-images", self.val_decode_images, 0),
+            ("lr-step", self.lr_step, 0),
+        ):
+            if value < low:
+                raise UserError(f"--{name} must be at least {low}")
+        for name, value in (
+            ("lr", self.lr),
+            ("grad-clip", self.grad_clip),
+            ("lr-gamma", self.lr_gamma),
+            ("dropout", self.dropout),
+            ("attention-penalty", self.attention_penalty),
+        ):
+            if not math.isfinite(value):
+                raise UserError(f"--{name} must be a number, not {value}")
+        if self.lr <= 0 or self.lr_gamma <= 0:
+            raise UserError("--lr and --lr-gamma must be positive")
+        if self.grad_clip < 0 or self.attention_penalty < 0 or not 0 <= self.dropout < 1:
+            raise UserError("--grad-clip and --attention-penalty must be at least 0, --dropout in [0, 1)")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise UserError(f"--feature-norm takes {', '.join(FEATURE_NORMS)}, not {self.feature_norm!r}")
+        if self.decoder not in DECODER_PRESETS:
+            raise UserError(f"unknown --decoder {self.decoder!r} (known: {', '.join(DECODER_PRESETS)})")
+        if self.finetune is not None and self.finetune not in FINETUNE_LAYERS:
+            raise UserError(f"--finetune takes {', '.join(FINETUNE_LAYERS)}, not {self.finetune!r}")
+        if self.encoder_lr <= 0:
+            raise UserError("--encoder-lr must be positive")
+        if self.finetune_after < 0:
+            raise UserError("--finetune-after must be at least 0")
+        self.check_scst()
+
+    def check_scst(self, records: list[dict] | None = None, epochs_done: int = 0) -> None:
+        """SCST settings, and that SCST starts from a model trained with cross-entropy: sampled from an untrained
+        decoder, captions score a CIDEr-D of ~0 whatever it does, the advantages are 0 and nothing is learnt.
+        `records` (a resumed run's metrics) count the cross-entropy epochs already done."""
+        if self.scst_baseline not in SCST_BASELINES:
+            raise UserError(f"--scst-baseline takes {', '.join(SCST_BASELINES)}, not {self.scst_baseline!r}")
+        if self.scst_after is None or self.scst_after >= self.epochs:
+            return
+        done = [r for r in records or [] if r.get("phase", "xe") == "xe" and r["epoch"] <= self.scst_after]
+        xe_epochs = len(done) + max(0, self.scst_after - epochs_done)
+        if self.scst_after < 1 or xe_epochs < 1:
+            raise UserError(
+                f"--scst-after {self.scst_after} would start self-critical training on a decoder with no "
+                "cross-entropy training: its sampled captions score a CIDEr-D of about 0, which gives no signal. "
+                "Train with cross-entropy first (--scst-after N, N >= 1, e.g. --epochs 50 --scst-after 30)"
+            )
 
 
 @dataclass

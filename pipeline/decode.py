@@ -77,11 +77,7 @@ def beam_search(
     reached `max_steps`) during the search, best first; the first is the result itself. It costs one small
     device-to-host copy per step, so evaluate and generate leave it off."""
     if beam_size <= 1:
-        out = greedy(model, features, max_steps)
-        if n_best:
-            for d in out:
-                d.beams = [Decoded(d.tokens, d.attention, d.score)]
-        return out
+        return _greedy_beams(model, features, max_steps, n_best)
     dev = features.device
     b, k = features.shape[0], beam_size
     state = model.init_state(features, groups=k)
@@ -90,58 +86,113 @@ def beam_search(
     scores[:, 0] = 0.0  # all beams start identical: only the first one may expand
     history = torch.zeros((b, k, 0), dtype=torch.long, device=dev)
     alpha_hist: torch.Tensor | None = None
-    best_score = torch.full((b,), -float("inf"), device=dev)
-    best_tokens = torch.zeros((b, max_steps), dtype=torch.long, device=dev)
-    best_len = torch.zeros((b,), dtype=torch.long, device=dev)
-    best_alpha: torch.Tensor | None = None
+    best = _Best.empty(b, max_steps, dev)
     batch_idx = torch.arange(b, device=dev)
     finished: list[list[Decoded]] = [[] for _ in range(b)]  # n_best: every finished hypothesis, in order
     for t in range(max_steps):
         logits, state, alpha = model.step(state, tokens)  # (B, K, V), (B, K, P)
-        if best_alpha is None:
-            best_alpha = torch.zeros((b, max_steps, alpha.shape[-1]), device=dev)
         logp = _log_probs(logits)
         vocab = logp.shape[-1]
         cand = (scores.unsqueeze(-1) + logp).reshape(b, k * vocab)
         top, idx = cand.topk(k, dim=-1)  # (B, K)
         parent, word = idx // vocab, idx % vocab
-        history = torch.cat([history.gather(1, parent.unsqueeze(-1).expand(-1, -1, t)), word.unsqueeze(-1)], -1)
-        step_alpha = alpha.gather(1, parent.unsqueeze(-1).expand(-1, -1, alpha.shape[-1])).float()
-        if alpha_hist is None:
-            alpha_hist = step_alpha.unsqueeze(2)
-        else:
-            prev = alpha_hist.gather(1, parent[..., None, None].expand(-1, -1, t, alpha_hist.shape[-1]))
-            alpha_hist = torch.cat([prev, step_alpha.unsqueeze(2)], 2)
+        history, alpha_hist = _extend(history, alpha_hist, parent, word, alpha, t)
         ended = (word == END_ID) & torch.isfinite(top)
         last = t == max_steps - 1
         length = t + 1
         norm = torch.where(ended | (last & torch.isfinite(top)), top / length, torch.full_like(top, -float("inf")))
         if n_best:
             _collect(finished, norm, ended, history, alpha_hist, length)
-        cand_best, cand_k = norm.max(dim=1)
-        better = cand_best > best_score
-        if bool(better.any()):
-            best_score = torch.where(better, cand_best, best_score)
-            n_words = torch.where(ended[batch_idx, cand_k], length - 1, length)
-            best_len = torch.where(better, n_words, best_len)
-            row = torch.zeros((b, max_steps), dtype=torch.long, device=dev)
-            row[:, :length] = history[batch_idx, cand_k]
-            best_tokens = torch.where(better.unsqueeze(-1), row, best_tokens)
-            arow = torch.zeros_like(best_alpha)
-            arow[:, :length] = alpha_hist[batch_idx, cand_k]
-            best_alpha = torch.where(better[:, None, None], arow, best_alpha)
+        best.update(norm, ended, history, alpha_hist, length, batch_idx)
         scores = torch.where(ended, torch.full_like(top, -float("inf")), top)
         if not bool(torch.isfinite(scores).any()):
             break
         tokens = word
         state = state.select(batch_idx, parent)
-    toks, lens = best_tokens.cpu().numpy(), best_len.cpu().numpy()
-    alphas, sc = best_alpha.cpu().numpy(), best_score.cpu().numpy()
-    out = [Decoded([int(x) for x in toks[i, : lens[i]]], alphas[i, : lens[i]], float(sc[i])) for i in range(b)]
+    out = best.results()
     for d, hyps in zip(out, finished, strict=True):
         # A stable sort keeps the search's order among equal scores, the order in which `best` was chosen.
         d.beams = sorted(hyps, key=lambda h: -h.score)[:n_best]
     return out
+
+
+def _greedy_beams(model: Decoder, features: torch.Tensor, max_steps: int, n_best: int) -> list[Decoded]:
+    """beam_search with one beam: greedy, each result its own (only) n-best hypothesis when n_best is asked."""
+    out = greedy(model, features, max_steps)
+    if n_best:
+        for d in out:
+            d.beams = [Decoded(d.tokens, d.attention, d.score)]
+    return out
+
+
+def _extend(
+    history: torch.Tensor,
+    alpha_hist: torch.Tensor | None,
+    parent: torch.Tensor,
+    word: torch.Tensor,
+    alpha: torch.Tensor,
+    t: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K hypotheses' words (B, K, t+1) and attention (B, K, t+1, P) after step t: each parent's, reordered,
+    then this step's `word` and its attention."""
+    history = torch.cat([history.gather(1, parent.unsqueeze(-1).expand(-1, -1, t)), word.unsqueeze(-1)], -1)
+    step_alpha = alpha.gather(1, parent.unsqueeze(-1).expand(-1, -1, alpha.shape[-1])).float()
+    if alpha_hist is None:
+        return history, step_alpha.unsqueeze(2)
+    prev = alpha_hist.gather(1, parent[..., None, None].expand(-1, -1, t, alpha_hist.shape[-1]))
+    return history, torch.cat([prev, step_alpha.unsqueeze(2)], 2)
+
+
+@dataclass
+class _Best:
+    """The best finished hypothesis of each image so far, in beam_search."""
+
+    score: torch.Tensor  # (B,) length-normalised
+    tokens: torch.Tensor  # (B, max_steps), the first `length` of them its words
+    length: torch.Tensor  # (B,)
+    alpha: torch.Tensor | None = None  # (B, max_steps, P), made at the first step (when P is known)
+
+    @classmethod
+    def empty(cls, b: int, max_steps: int, dev: torch.device) -> _Best:
+        return cls(
+            torch.full((b,), -float("inf"), device=dev),
+            torch.zeros((b, max_steps), dtype=torch.long, device=dev),
+            torch.zeros((b,), dtype=torch.long, device=dev),
+        )
+
+    def update(
+        self,
+        norm: torch.Tensor,
+        ended: torch.Tensor,
+        history: torch.Tensor,
+        alpha_hist: torch.Tensor,
+        length: int,
+        batch_idx: torch.Tensor,
+    ) -> None:
+        """Take this step's best finished hypothesis (finite `norm`, (B, K)) of each image that it beats."""
+        b, max_steps = self.tokens.shape
+        if self.alpha is None:
+            self.alpha = torch.zeros((b, max_steps, alpha_hist.shape[-1]), device=self.tokens.device)
+        cand_best, cand_k = norm.max(dim=1)
+        better = cand_best > self.score
+        if not bool(better.any()):
+            return
+        self.score = torch.where(better, cand_best, self.score)
+        n_words = torch.where(ended[batch_idx, cand_k], length - 1, length)
+        self.length = torch.where(better, n_words, self.length)
+        row = torch.zeros((b, max_steps), dtype=torch.long, device=self.tokens.device)
+        row[:, :length] = history[batch_idx, cand_k]
+        self.tokens = torch.where(better.unsqueeze(-1), row, self.tokens)
+        arow = torch.zeros_like(self.alpha)
+        arow[:, :length] = alpha_hist[batch_idx, cand_k]
+        self.alpha = torch.where(better[:, None, None], arow, self.alpha)
+
+    def results(self) -> list[Decoded]:
+        toks, lens = self.tokens.cpu().numpy(), self.length.cpu().numpy()
+        alphas, sc = self.alpha.cpu().numpy(), self.score.cpu().numpy()
+        return [
+            Decoded([int(x) for x in toks[i, : lens[i]]], alphas[i, : lens[i]], float(sc[i])) for i in range(len(toks))
+        ]
 
 
 def _collect(

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.cider import CiderD
-from pipeline.config import TrainConfig
+from pipeline.config import SCST_BASELINES, TrainConfig
 from pipeline.console import progress
 from pipeline.data import Batch, Batches, CaptionIndex
 from pipeline.decode import greedy
@@ -44,7 +44,7 @@ from pipeline.runtime import autocast
 from pipeline.vocab import END_ID, PAD_ID, START_ID, Vocabulary, tokenize
 
 SAMPLES = 5  # captions sampled per image (ruotianluo's train_sample_n for new_self_critical)
-BASELINES = ("mean", "greedy")  # TrainConfig.scst_baseline
+BASELINES = SCST_BASELINES  # TrainConfig.scst_baseline
 COLLAPSE_EPOCHS = 3  # the mean reward falling this many SCST epochs in a row is reported
 
 

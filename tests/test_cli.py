@@ -50,8 +50,15 @@ def calls(monkeypatch):
     evaluation = {
         "metrics": {"BLEU-1": 0.5, "CIDEr-D": 1.25},
         "captions": [],
-        "details": {"split": "test", "images": 2, "beam_size": 3, "epoch": 4, "loss": 2.0, "perplexity": 7.39,
-                    "tokenizer": "ptb"},
+        "details": {
+            "split": "test",
+            "images": 2,
+            "beam_size": 3,
+            "epoch": 4,
+            "loss": 2.0,
+            "perplexity": 7.39,
+            "tokenizer": "ptb",
+        },
     }
 
     def captions(cfg):
@@ -222,14 +229,17 @@ def _choices(option) -> set[str] | None:
 
 def _library_choices(command: str) -> dict[str, set[str]]:
     """What the library accepts for each option that the CLI offers as a choice."""
+    from pipeline.config import FEATURE_NORMS, FINETUNE_LAYERS, SCST_BASELINES
     from pipeline.encoder import ENCODER_NAMES
-    from pipeline.scst import BASELINES
     from pipeline.store import DTYPES
-    from pipeline.train import FEATURE_NORMS, FINETUNE_LAYERS
 
     return {
         "extract": {"dtype": set(DTYPES), "layer": set(ENCODER_NAMES)},
-        "fit": {"feature_norm": set(FEATURE_NORMS), "finetune": set(FINETUNE_LAYERS), "scst_baseline": set(BASELINES)},
+        "fit": {
+            "feature_norm": set(FEATURE_NORMS),
+            "finetune": set(FINETUNE_LAYERS),
+            "scst_baseline": set(SCST_BASELINES),
+        },
         "evaluate": {"split": set(EVAL_SPLITS)},
     }.get(command, {})
 

@@ -148,13 +148,14 @@ def test_a_demo_rerun_deletes_only_the_images_it_recorded(tmp_path, make_images,
     """A rerun deleted every file named like the demo's images: a user's images/shape_99999.jpg in a 20-image
     demo folder. Now it deletes what the earlier demo recorded drawing, and refuses to draw over a user's file."""
     import pipeline.demo
+    import pipeline.demo.run
     from pipeline.config import DemoConfig
 
     def draw_only(cfg: DemoConfig) -> dict:  # the demo's stages after the drawing are not what is tested here
         pipeline.demo.make_dataset(cfg.out, cfg.images, size=32)
         return {}
 
-    monkeypatch.setattr(pipeline.demo, "_run", draw_only)
+    monkeypatch.setattr(pipeline.demo.run, "_run", draw_only)
     out = tmp_path / "demo"
     pipeline.demo.demo(DemoConfig(out=out, images=20))
     (mine,) = make_images(out / "images", ["shape_99999.jpg"])

@@ -219,7 +219,7 @@ def test_progress_and_epoch_lines_show_reward_and_baseline(store20, tmp_path, cl
 
 def test_a_falling_reward_is_reported_and_model_pt_stays_chosen_by_cider(store20, tmp_path, cli, monkeypatch):
     """Rewards falling for 3 SCST epochs in a row: a warning naming the epoch model.pt holds (stubbed epochs)."""
-    import pipeline.train
+    import pipeline.train.recipe
 
     rewards = iter([0.9, 0.8, 0.7, 0.6])
 
@@ -228,7 +228,7 @@ def test_a_falling_reward_is_reported_and_model_pt_stays_chosen_by_cider(store20
         return {"phase": "scst", "train_loss": 0.0, "reward": reward, "baseline": reward, "seconds": 1.0,
                 "samples_per_second": 1.0}  # fmt: skip
 
-    monkeypatch.setattr(pipeline.train, "scst_epoch", falling)
+    monkeypatch.setattr(pipeline.train.recipe, "scst_epoch", falling)
     out = tmp_path / "out"
     result = cli(*_fit_args(store20.path, out, "--epochs", "5", "--scst-after", "1"))
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
