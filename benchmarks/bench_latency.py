@@ -13,6 +13,8 @@ random weights and the seeded random ResNet50 (the same cost as ImageNet weights
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +99,29 @@ def _in_thread(fn: Callable[[], dict]) -> dict:
     return out
 
 
+IMPORTS = {  # what a cold `cli.py generate` pays before its first caption, step by step
+    "python itself": "pass",
+    "import torch": "import torch",
+    "import torch, torchvision": "import torch, torchvision",
+    "import pipeline.generate (all generate imports)": "import pipeline.generate",
+}
+
+
+def _imports(ctx: Context) -> list[dict]:
+    """Seconds of a fresh `python -c CODE` for each of IMPORTS, from Popen to exit (median of a few)."""
+    from benchmarks.common import ROOT
+
+    rows = []
+    for what, code in IMPORTS.items():
+        times = []
+        for _ in range(ctx.pick(1, 3)):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+            times.append(time.perf_counter() - t0)
+        rows.append({"what": what, "median_s": median(times), "min_s": min(times), "values_s": times})
+    return rows
+
+
 def run(ctx: Context) -> list[Table]:
     dev = ctx.device
     path = write_jpegs(ctx.workdir / "latency-images", 1, seed=5)[0]
@@ -123,6 +148,8 @@ def run(ctx: Context) -> list[Table]:
                         "values_s": values,
                     }
                 )
+    ctx.log("cold start: the imports")
+    imports = _imports(ctx)
     caption = next(r for r in rows if r["thread"] == "main" and r["what"].startswith(f"caption at beam {BEAM_SIZE}"))
     return [
         Table(
@@ -142,5 +169,14 @@ def run(ctx: Context) -> list[Table]:
                 f"the report's decoder at V = {VOCAB:,}, random weights: every caption runs 19 steps (worst case).",
                 "'second' runs the same rounds in a thread of their own, as serve's model thread does.",
             ],
-        )
+        ),
+        Table(
+            "latency: what a cold start pays before any work",
+            [("what", "what", ""), ("median_s", "median s", ".2f"), ("min_s", "min s", ".2f")],
+            imports,
+            [
+                f"`{Path(sys.executable).name} -c CODE` as a subprocess, start to exit; the section `generate` times "
+                "`cli.py generate` itself from start to its first caption (imports + Captioner.load + the caption)."
+            ],
+        ),
     ]
