@@ -359,11 +359,24 @@ class CiderD:
         return 10.0 * (cosine * penalty * valid).sum(axis=1) / n / counts[image_of]
 
 
+class CorpusScore:
+    """`corpus_score` against fixed references, their n-gram statistics computed once: fit's validation scores
+    the same images every epoch."""
+
+    def __init__(self, references: Sequence[Sequence[str]]) -> None:
+        from pipeline.metrics import simple_tokenize
+
+        self._tokenize = simple_tokenize
+        self.references = [[simple_tokenize(r) for r in rs] for rs in references]
+        self._scorer = CiderD.from_references(self.references)
+
+    def __call__(self, candidates: Sequence[str]) -> float:
+        # "<empty>": as metrics.cider_d gives an empty caption to pycocoevalcap
+        cands = [self._tokenize(c) or "<empty>" for c in candidates]
+        return self._scorer.score(cands, self.references)[0]
+
+
 def corpus_score(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Corpus CIDEr-D of raw captions, tokenised as `metrics.cider_d` tokenises them (Python, not PTB) and with
     the document frequencies of these references: fit's validation score, equal to `metrics.cider_d`."""
-    from pipeline.metrics import simple_tokenize
-
-    refs = [[simple_tokenize(r) for r in rs] for rs in references]
-    cands = [simple_tokenize(c) or "<empty>" for c in candidates]  # as metrics.cider_d gives them to pycocoevalcap
-    return CiderD.from_references(refs).score(cands, refs)[0]
+    return CorpusScore(references)(candidates)

@@ -20,7 +20,7 @@ from pipeline.loss import CaptionTraining
 from pipeline.model import CaptionModel, compile_cell, count_parameters
 from pipeline.scst import Rewards, SelfCriticalTraining, collapsing, scst_epoch
 from pipeline.store import FeatureStore
-from pipeline.train.run_folder import RunFiles, claim, complete_files, resumed_history, save_epoch
+from pipeline.train.run_folder import Curves, RunFiles, claim, complete_files, resumed_history, save_epoch
 from pipeline.train.setup import (
     check_finetune,
     check_resumable,
@@ -156,24 +156,28 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
     if val.metric == "neg_train_loss":
         info(f"{data.store.path} has no validation images: model.pt will be the epoch with the lowest training loss")
     record: dict = {}
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        dist.seed_epoch(cfg.seed, epoch)
-        state.model.train_encoder = trains_encoder(cfg, epoch)
-        record = {"epoch": epoch} | phases.train(epoch, state.optimizer, train)
-        state.scheduler.step()
-        record["lr"] = state.optimizer.param_groups[0]["lr"]
-        if cfg.finetune is not None:
-            record["encoder_lr"] = state.optimizer.param_groups[1]["lr"]
-            record["encoder_trained"] = state.model.train_encoder
-        record |= validate(state.model, data, val, cfg, dist)
-        # every rank gets the same record (losses all-reduced, rank 0's validation broadcast) and the same
-        # best so far (restored from the same last.pt): the best-epoch choice is the same on every rank
-        is_best = state.end_epoch(record, val.metric)
-        if dist.is_main:
-            save_epoch(files, state, data, cfg, is_best)
-            info(_epoch_line(record, is_best, val.sample_name))
-            if record["phase"] == "scst" and collapsing(state.records):
-                warn(_collapse_line(state))
+    curves = Curves(files.curves)
+    try:
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            dist.seed_epoch(cfg.seed, epoch)
+            state.model.train_encoder = trains_encoder(cfg, epoch)
+            record = {"epoch": epoch} | phases.train(epoch, state.optimizer, train)
+            state.scheduler.step()
+            record["lr"] = state.optimizer.param_groups[0]["lr"]
+            if cfg.finetune is not None:
+                record["encoder_lr"] = state.optimizer.param_groups[1]["lr"]
+                record["encoder_trained"] = state.model.train_encoder
+            record |= validate(state.model, data, val, cfg, dist)
+            # every rank gets the same record (losses all-reduced, rank 0's validation broadcast) and the same
+            # best so far (restored from the same last.pt): the best-epoch choice is the same on every rank
+            is_best = state.end_epoch(record, val.metric)
+            if dist.is_main:
+                save_epoch(files, state, data, cfg, is_best, curves)
+                info(_epoch_line(record, is_best, val.sample_name))
+                if record["phase"] == "scst" and collapsing(state.records):
+                    warn(_collapse_line(state))
+    finally:
+        curves.close()
     return record
 
 
