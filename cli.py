@@ -162,9 +162,8 @@ def _fit_interrupted(out: Path) -> Callable[[], str]:
 
     def message() -> str:
         if (out / "last.pt").is_file():
-            return (
-                f"interrupted: the finished epochs are saved in {out / 'last.pt'}; continue with: "
-                + _command_line("--resume")
+            return f"interrupted: the finished epochs are saved in {out / 'last.pt'}; continue with: " + _command_line(
+                "--resume"
             )
         return "interrupted before the first epoch was saved: rerun the same command to start again"
 
@@ -253,12 +252,13 @@ def fit(
     grad_clip: Annotated[float, typer.Option(min=0, help="Clip the gradient norm (0: off).")] = T.grad_clip,
     lr_step: Annotated[int, typer.Option(min=0, help="StepLR step in epochs (0: off; the report: 100).")] = T.lr_step,
     lr_gamma: Annotated[float, typer.Option(help="StepLR factor.")] = T.lr_gamma,
+    warmup_steps: Annotated[
+        int, typer.Option(min=0, help="Linear lr warm-up over the first N steps (0: off).")
+    ] = T.warmup_steps,
     decoder: Annotated[
         str, typer.Option(help="Layer sizes: report (the report's decoder) or tiny (for tests, smoke runs).")
     ] = T.decoder,
-    init_from_features: Annotated[
-        bool, typer.Option(help="SAT: h0/c0 from the mean feature.")
-    ] = T.init_from_features,
+    init_from_features: Annotated[bool, typer.Option(help="SAT: h0/c0 from the mean feature.")] = T.init_from_features,
     dropout: Annotated[float, typer.Option(min=0, max=0.9, help="SAT: dropout before the output layer.")] = T.dropout,
     gate: Annotated[bool, typer.Option(help="SAT: gating scalar on the attention context.")] = T.gate,
     attention_penalty: Annotated[

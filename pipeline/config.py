@@ -90,6 +90,9 @@ class TrainConfig:
     grad_clip: float = 5.0  # 0 disables
     lr_step: int = 0  # StepLR step size in epochs; 0 = constant lr (the report's 100 never fires in 50)
     lr_gamma: float = 0.1
+    # linear warm-up: the first N optimizer steps run at lr x (step / N) (0: off). For large batches with a
+    # scaled rate (docs/speed.md): Adam's first steps at a high rate can diverge before its moments settle.
+    warmup_steps: int = 0
     amp: bool | None = None  # bf16 autocast; None: on CUDA only (on CPU it is opt-in: not every CPU has bf16)
     compile: bool = False
     resident: str = "auto"  # keep training features on the GPU: auto | yes | no
@@ -137,6 +140,7 @@ class TrainConfig:
             ("min-word-count", self.min_word_count, 1),
             ("val-decode-images", self.val_decode_images, 0),
             ("lr-step", self.lr_step, 0),
+            ("warmup-steps", self.warmup_steps, 0),
         ):
             if value < low:
                 raise UserError(f"--{name} must be at least {low}")

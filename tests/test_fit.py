@@ -63,8 +63,6 @@ def _assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
-
-
 def _fit_args(store: Path, out: Path, *extra: str, val_decode: int = 0) -> list[str]:
     """`cli.py fit` arguments of a small fit (as `_cfg`)."""
     return [
@@ -256,8 +254,9 @@ def test_full_size_decoder_learns_and_writes_loadable_checkpoints(store20, tmp_p
 
 # The run that resumed runs must reproduce: dropout masks (torch RNG), caption choice (2 of 5 per image),
 # Adam state and the model.pt chosen by validation CIDEr-D all have to carry over a resume.
-RESUMED = {"epochs": 4, "captions_per_image": 2, "dropout": 0.3, "val_decode_images": 2}
-RESUMED_ARGS = ("--dropout", "0.3", "--captions-per-image", "2")
+# The warm-up (2 steps an epoch here) runs into epoch 3: a resume after epoch 2 continues the ramp.
+RESUMED = {"epochs": 4, "captions_per_image": 2, "dropout": 0.3, "val_decode_images": 2, "warmup_steps": 5}
+RESUMED_ARGS = ("--dropout", "0.3", "--captions-per-image", "2", "--warmup-steps", "5")
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +283,34 @@ def _assert_same_run(reference: Path, out: Path) -> None:
     for a, b in zip(mf, mr, strict=True):
         for key in ("train_loss", "val_loss", "val_cider_d", "sample", "lr"):
             assert a[key] == b[key], (key, a["epoch"])
+
+
+def test_warm_up_scales_the_rates_of_the_first_steps_only_and_restores_them():
+    from pipeline.train.step import warmed_up
+
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.Adam([{"params": params[:1], "lr": 1e-3}, {"params": params[1:], "lr": 1e-4}])
+    seen = []
+    for step in range(6):
+        with warmed_up(opt, 4, step):
+            seen.extend(g["lr"] for g in opt.param_groups)
+    expected = [lr * k / 4 for k in (1, 2, 3, 4) for lr in (1e-3, 1e-4)] + [1e-3, 1e-4] * 2
+    assert seen == pytest.approx(expected)
+    with pytest.raises(RuntimeError), warmed_up(opt, 4, 0):
+        raise RuntimeError("a failed step")
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-4]  # what the scheduler and last.pt see
+
+
+def test_warm_up_makes_the_first_updates_smaller(store20, tmp_path):
+    """One epoch (2 steps) with a 100-step warm-up moves the weights about 1.5% as far as without."""
+    fit(_cfg(store20.path, tmp_path / "init", epochs=1, lr=1e-12))  # the same initial weights, barely moved
+    init = _load(tmp_path / "init" / "last.pt")["model"]["gates.weight"]
+    moved = {}
+    for warmup in (0, 100):
+        out = tmp_path / f"w{warmup}"
+        fit(_cfg(store20.path, out, epochs=1, warmup_steps=warmup))
+        moved[warmup] = float((_load(out / "last.pt")["model"]["gates.weight"] - init).abs().mean())
+    assert 0 < moved[100] < 0.1 * moved[0], moved
 
 
 def test_resume_continues_exactly_where_an_uninterrupted_run_ends(store20, uninterrupted, tmp_path):

@@ -32,7 +32,7 @@ from pipeline.train.setup import (
     start,
 )
 from pipeline.train.state import TrainingData, TrainingState
-from pipeline.train.step import train_step
+from pipeline.train.step import train_step, warmed_up
 from pipeline.train.validation import validate, validation_set
 
 
@@ -53,8 +53,10 @@ def train_epoch(
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per batch
     samples = 0
     with progress(len(batches), f"epoch {epoch}/{cfg.epochs}", unit="batch") as advance:
-        for batch in batches.iterate(epoch, cfg.seed):
-            loss_sum += train_step(module, optimizer, batch, cfg)
+        first = (epoch - 1) * len(batches)  # steps before this epoch (the warm-up counts over the run)
+        for i, batch in enumerate(batches.iterate(epoch, cfg.seed)):
+            with warmed_up(optimizer, cfg.warmup_steps, first + i):
+                loss_sum += train_step(module, optimizer, batch, cfg)
             samples += batch.tokens.shape[0] * batch.tokens.shape[1]
             advance(1)
     if device.type == "cuda":
