@@ -34,6 +34,7 @@ from benchmarks import (
     bench_scaling,
     bench_serve,
     bench_store,
+    bench_ttq,
 )
 from benchmarks.common import ROOT, BenchmarkError, Context, Table, require_data
 from pipeline.files import write_text_atomic
@@ -51,8 +52,10 @@ SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "quality": bench_quality.run,
     "epoch": bench_epoch.run,
     "fit50": bench_fit50.run,
+    "ttq": bench_ttq.run,
 }
-OPT_IN = ("quality", "epoch", "fit50")  # long (the demo trained twice; Flickr30k-scale epochs): run only when named
+# long (the demo trained twice; Flickr30k-scale epochs; several fits): run only when named
+OPT_IN = ("quality", "epoch", "fit50", "ttq")
 
 
 def cpu_model() -> str:
