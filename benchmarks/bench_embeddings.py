@@ -62,7 +62,6 @@ def log(message: str) -> None:
 def _transformed(variant: str, seed: int) -> Iterator[None]:
     """For the ablation and the control: change the matrix fit is about to copy into the model."""
     import pipeline.embeddings as embeddings
-    import pipeline.train as train
 
     if variant == "word2vec-raw":  # skip the centring
         original_centred = embeddings.centred
@@ -75,7 +74,7 @@ def _transformed(variant: str, seed: int) -> Iterator[None]:
     if variant != "word2vec-shuffled":
         yield
         return
-    original = train.initial_vectors
+    original = embeddings.initial_vectors  # fit imports it from pipeline.embeddings when it runs
 
     def shuffled(*args, **kwargs):
         vectors = original(*args, **kwargs)
@@ -84,11 +83,11 @@ def _transformed(variant: str, seed: int) -> Iterator[None]:
         vectors.matrix = np.concatenate([m[:4], m[perm]])
         return vectors
 
-    train.initial_vectors = shuffled
+    embeddings.initial_vectors = shuffled
     try:
         yield
     finally:
-        train.initial_vectors = original
+        embeddings.initial_vectors = original
 
 
 WORKDIR_MARK = ".captioner-bench-embeddings"
