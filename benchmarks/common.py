@@ -67,24 +67,32 @@ class Flickr:
     synthetic: bool = False  # made-up captions (`--quick` without the real file), not Flickr30k's
 
 
-_SYNTHETIC_ALLOWED = False
+QUICK_IMAGES = 1200  # --quick: the captions of the file's first images only (a smaller vocabulary, a faster step)
+_QUICK = False
 
 
-def allow_synthetic_captions() -> bool:
-    """For `--quick` smoke runs: when the real file is absent, `flickr()` returns made-up captions of the same
-    shape instead of stopping, so that a clean clone without ../shared still runs every section. Returns
-    whether the fallback is in use (the real file is absent)."""
-    global _SYNTHETIC_ALLOWED
-    _SYNTHETIC_ALLOWED = True
+def quick_captions() -> bool:
+    """For `--quick` smoke runs: `flickr()` returns the captions of the file's first QUICK_IMAGES images, or,
+    when the real file is absent, made-up captions of the same shape instead of stopping, so that a clean clone
+    without ../shared still runs every section. Returns whether the made-up captions are in use."""
+    global _QUICK
+    _QUICK = True
     return not KARPATHY_FILE.is_file()
 
 
 def flickr() -> Flickr:
-    """The Flickr30k captions, or the synthetic stand-in when `allow_synthetic_captions()` was called and the
-    real file is absent."""
-    if _SYNTHETIC_ALLOWED and not KARPATHY_FILE.is_file():
-        return synthetic_flickr()
+    """The Flickr30k captions; after `quick_captions()`, the first images' only, or made-up ones."""
+    if _QUICK:
+        return synthetic_flickr(QUICK_IMAGES) if not KARPATHY_FILE.is_file() else _first_images(QUICK_IMAGES)
     return real_flickr()
+
+
+@lru_cache(maxsize=1)
+def _first_images(n: int) -> Flickr:
+    f = real_flickr()
+    captions, splits = f.captions[:n], f.splits[:n]
+    train = [caps for caps, split in zip(captions, splits, strict=True) if split == "train"]
+    return Flickr(train, [c for caps in captions for c in caps], captions, splits)
 
 
 @lru_cache(maxsize=1)
@@ -103,7 +111,7 @@ def real_flickr() -> Flickr:
 
 
 @lru_cache(maxsize=1)
-def synthetic_flickr(images: int = 1200) -> Flickr:
+def synthetic_flickr(images: int) -> Flickr:
     """Made-up captions in Flickr30k's shape (5 an image, 6-16 words, a vocabulary of ~100 words, 90/5/5
     train/val/test): enough for every section's `--quick` sizes, never for figures."""
     rng = np.random.default_rng(0)
@@ -519,7 +527,7 @@ class Context:
         train images, with their real captions; made once per run."""
         if "flickr" not in self._stores:
             n = self.pick(128, 2000)
-            kind = "synthetic" if flickr().synthetic else "real Flickr30k"
+            kind = "made-up" if flickr().synthetic else "real Flickr30k"
             self.log(f"writing a store of {n} images (random features, {kind} captions)")
             path = self.workdir / "flickr.h5"
             self._stores["flickr"] = make_store(path, flickr().train[:n])

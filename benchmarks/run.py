@@ -48,7 +48,7 @@ from benchmarks.common import (
     Context,
     Skipped,
     Table,
-    allow_synthetic_captions,
+    quick_captions,
     require_data,
 )
 from pipeline.files import write_text_atomic
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json", help="JSON results file")
     args = parser.parse_args(argv)
 
-    synthetic = args.quick and allow_synthetic_captions()
+    synthetic = args.quick and quick_captions()
     try:
         if synthetic:
             print("note: the real Flickr30k captions are absent; --quick runs on made-up captions", file=sys.stderr)
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     device = torch.device(args.device)
+    if args.quick:  # a check, not a measurement: one thread, which a shared CPU does not stall (see BENCHMARKS.md, ddp)
+        torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # the sections' subprocesses (generate, fit50)
     names = args.only or [name for name in SECTIONS if args.all or name not in OPT_IN]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     info = machine(device)

@@ -58,7 +58,7 @@ def test_quick_runs_on_made_up_captions_without_the_real_file(tmp_path, monkeypa
     from benchmarks import common, run
 
     monkeypatch.setattr(common, "KARPATHY_FILE", tmp_path / "absent.json.gz")
-    monkeypatch.setattr(common, "_SYNTHETIC_ALLOWED", False)
+    monkeypatch.setattr(common, "_QUICK", False)
     out = tmp_path / "results.json"
     assert run.main(["--only", "step", "--out", str(out)]) == 1
     assert "error: the real Flickr30k captions are needed" in capsys.readouterr().err
