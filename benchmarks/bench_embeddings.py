@@ -132,11 +132,12 @@ def fit_variant(store: Path, out: Path, variant: str, seed: int, **settings) -> 
 
 def anisotropy(store: Path, min_word_count: int, seed: int = 0) -> str:
     """Mean cosine similarity between the word vectors fit starts from: word2vec's against N(0, 1)'s."""
-    from pipeline.embeddings import Word2VecConfig, train_captions, train_word2vec
+    from pipeline.embeddings import Word2VecConfig, train_word2vec
     from pipeline.train import TrainConfig, prepare
 
     run = prepare(TrainConfig(store=str(store), device="cpu", min_word_count=min_word_count))
-    captions = train_captions(run.texts, run.owners, run.train_rows)
+    captions = [t for caps in run.captions.references(run.train_rows) for t in caps]  # as fit gives word2vec
+    run.store.close()
     with _transformed("word2vec-raw", seed):  # as gensim gives them
         w2v = train_word2vec(run.vocab, captions, 300, seed, Word2VecConfig()).matrix[4:]
     rnd = np.random.default_rng(seed).standard_normal(w2v.shape)
