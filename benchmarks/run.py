@@ -9,6 +9,7 @@ run: every section at tiny sizes, on made-up captions when the real Flickr30k fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -167,6 +168,27 @@ def save(out: Path, key: str, entry: dict) -> None:
     write_text_atomic(out, json.dumps(data, indent=1) + "\n")
 
 
+@contextlib.contextmanager
+def one_thread(enabled: bool) -> Iterator[None]:
+    """--quick is a check, not a measurement: one torch thread (and OMP_NUM_THREADS=1 for the sections'
+    subprocesses), which a CPU shared with other jobs does not stall as it stalls two (BENCHMARKS.md, ddp).
+    Restored afterwards: the tests call main() in their own process."""
+    if not enabled:
+        yield
+        return
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, about a step each: checks that it runs")
@@ -192,12 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     device = torch.device(args.device)
-    if args.quick:  # a check, not a measurement: one thread, which a shared CPU does not stall (see BENCHMARKS.md, ddp)
-        torch.set_num_threads(1)
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # the sections' subprocesses (generate, fit50)
     names = args.only or [name for name in SECTIONS if args.all or name not in OPT_IN]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     info = machine(device)
+    if args.quick:
+        info["torch_threads"] = 1  # one_thread() below
     print(machine_table(info, started, args.quick), flush=True)
 
     entry: dict = {
@@ -210,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     failed, skipped = [], []
     t_all = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
+    with one_thread(args.quick), tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
         ctx = Context(device=device, quick=args.quick, workdir=Path(tmp))
         for name in names:
             print(f"running {name} ...", file=sys.stderr, flush=True)
