@@ -35,7 +35,7 @@ def run(ctx: Context) -> list[Table]:
     dev = ctx.device
     if dev.type == "cpu" and not ctx.quick:
         raise Skipped("sized for a GPU (29,000-image epochs: hours on a CPU); --device cuda, or --quick to check it")
-    n = ctx.pick(32, EPOCH_IMAGES)
+    n = ctx.pick(8, EPOCH_IMAGES)
     captions = flickr().train[:n]
     vocab = vocabulary("ours")
     rows = []
