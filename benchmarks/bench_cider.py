@@ -1,7 +1,8 @@
-"""CIDEr-D rewards for SCST: pipeline.cider.CiderD against pycocoevalcap 1.2's Cider, on real Flickr30k captions.
+"""Section `cider`: CIDEr-D rewards for SCST, pipeline.cider.CiderD against pycocoevalcap 1.2's Cider, on real
+Flickr30k captions.
 
-    uv run python -m benchmarks.bench_cider            # ~10-20 s: the train split's df, 30 timed rounds
-    uv run python -m benchmarks.bench_cider --quick    # a few seconds: 2,000 train images, 3 rounds
+    uv run python -m benchmarks.run --only cider            # ~10-20 s: the train split's df, 30 timed rounds
+    uv run python -m benchmarks.run --only cider --quick    # a few seconds: 500 train images, 1 round
 
 The batch is SCST's: 32 train images x 5 sampled captions, each scored against its image's 5 references.
 "Samples" are a reference of the image with each word replaced, with probability 0.3, by a random word of the
@@ -21,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import torch
 
-from benchmarks.common import BenchmarkError, flickr
+from benchmarks.common import BenchmarkError, Context, Table, flickr
 
 IMAGES, SAMPLES, SWAP = 32, 5, 0.3
 PAD, START, END, UNK = 0, 1, 2, 3
@@ -66,22 +70,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cider", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2,000 train images, 3 rounds: checks that it runs")
-    args = parser.parse_args(argv)
+def run(ctx: Context) -> list[Table]:
+    """The section; raises when ours and pycocoevalcap disagree (with the batch's own df)."""
     from pycocoevalcap.cider.cider import Cider
 
     from pipeline.cider import CiderD
     from pipeline.metrics import simple_tokenize
 
-    try:
-        train = flickr().train
-    except BenchmarkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    rounds = 3 if args.quick else 30
-    corpus = [[simple_tokenize(c) for c in caps] for caps in (train[:2000] if args.quick else train)]
+    train = flickr().train
+    rounds = ctx.pick(1, 30)
+    corpus = [[simple_tokenize(c) for c in caps] for caps in (train[:500] if ctx.quick else train)]
     rng = np.random.default_rng(0)
     batches = _batches(corpus, rounds, rng)
     words = ["<pad>", "<start>", "<end>", "<unk>", *sorted({w for refs in corpus for c in refs for w in c.split()})]
@@ -122,20 +120,52 @@ def main(argv: list[str] | None = None) -> int:
             - scorer.score_samples(warm_ids, warm_refs, end_id=END, ignore_ids=(PAD, START, UNK))
         ).max()
     )
+    if not (same < 1e-6 and text_vs_ids < 1e-9):
+        raise RuntimeError(f"CiderD disagrees: max |ours - pycocoevalcap| {same:.1e}, text vs ids {text_vs_ids:.1e}")
 
     base = float(np.median(times["pycocoevalcap"]))
-    print(f"## CIDEr-D, {IMAGES} images x {SAMPLES} samples, 5 references each{' (--quick)' if args.quick else ''}\n")
-    print(f"df corpus: {len(corpus)} Flickr30k train images; CiderD.from_references took {build_s:.2f} s (once)\n")
-    print("| scorer | median ms | min ms | pycocoevalcap / this (median) |")
-    print("|---|---:|---:|---:|")
-    for name, values in times.items():
-        med, low = float(np.median(values)) * 1e3, float(np.min(values)) * 1e3
-        print(f"| {name} | {med:.2f} | {low:.2f} | {base * 1e3 / med:.0f}x |")
-    print(
-        f"\n- {len(times['pycocoevalcap'])} rounds; max |ours - pycocoevalcap| with the batch's own df: {same:.1e}; "
-        f"text vs ids: {text_vs_ids:.1e}"
-    )
-    return 0 if same < 1e-6 and text_vs_ids < 1e-9 else 1
+    rows = [
+        {
+            "scorer": name,
+            "median_ms": float(np.median(values)) * 1e3,
+            "min_ms": float(np.min(values)) * 1e3,
+            "speedup": base / float(np.median(values)),
+        }
+        for name, values in times.items()
+    ]
+    return [
+        Table(
+            f"cider: CIDEr-D of {IMAGES} images x {SAMPLES} samples, 5 references each (SCST's batch)",
+            [
+                ("scorer", "scorer", ""),
+                ("median_ms", "median ms", ".2f"),
+                ("min_ms", "min ms", ".2f"),
+                ("speedup", "pycocoevalcap / this (median)", ".0f"),
+            ],
+            rows,
+            [
+                f"df corpus: {len(corpus):,} train images; CiderD.from_references took {build_s:.2f} s (once).",
+                f"{rounds} interleaved round(s); max |ours - pycocoevalcap| with the batch's own df: {same:.1e}; "
+                f"text vs ids: {text_vs_ids:.1e}.",
+                "warm: the images' reference vectors cached; cold: the first call on those images.",
+            ],
+        )
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.bench_cider [--quick]`: the same as `benchmarks.run --only cider`, printed only."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cider", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="500 train images, 1 round: checks that it runs")
+    args = parser.parse_args(argv)
+    try:
+        tables = run(Context(torch.device("cpu"), args.quick, Path(tempfile.gettempdir())))
+    except BenchmarkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for t in tables:
+        print(t.markdown())
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 CIDEr-D after the same number of epochs, everything else equal (same seed, so the same initial weights apart
 from the embedding, the same batches).
 
-    uv run --extra word2vec python -m benchmarks.bench_embeddings             # both datasets (about an hour)
-    uv run --extra word2vec python -m benchmarks.bench_embeddings --quick     # tiny sizes, to check it runs
-    uv run --extra word2vec python -m benchmarks.bench_embeddings --only demo --seeds 0 1 2
+    uv run python -m benchmarks.run --only embeddings           # section `embeddings`: both datasets (~an hour)
+    uv run python -m benchmarks.run --only embeddings --quick   # tiny sizes, random and word2vec only
+    uv run python -m benchmarks.bench_embeddings --only demo --seeds 0 1 2 --workdir /tmp/emb  # more options
+
+(gensim comes with the dev group, or `uv sync --extra word2vec`; without it the section is skipped.) The
+section adds its tables to the run's JSON file; this script's own main adds them to benchmarks/embeddings.json.
 
 Datasets:
 - `demo`: the demo's generated shapes (pipeline/demo/: make_dataset, extract --weights none, fit as demo()
@@ -35,14 +38,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import ROOT, BenchmarkError, Table, make_store, quiet, require_data
+from benchmarks.common import ROOT, BenchmarkError, Context, Skipped, Table, make_store, quiet, require_data
+from benchmarks.common import flickr as flickr_captions
 
 VARIANTS = ("random", "word2vec", "word2vec-frozen", "word2vec-raw", "word2vec-shuffled")
 DEFAULT_VARIANTS = {
@@ -59,7 +62,6 @@ def log(message: str) -> None:
 def _transformed(variant: str, seed: int) -> Iterator[None]:
     """For the ablation and the control: change the matrix fit is about to copy into the model."""
     import pipeline.embeddings as embeddings
-    import pipeline.train as train
 
     if variant == "word2vec-raw":  # skip the centring
         original_centred = embeddings.centred
@@ -72,7 +74,7 @@ def _transformed(variant: str, seed: int) -> Iterator[None]:
     if variant != "word2vec-shuffled":
         yield
         return
-    original = train.initial_vectors
+    original = embeddings.initial_vectors  # fit imports it from pipeline.embeddings when it runs
 
     def shuffled(*args, **kwargs):
         vectors = original(*args, **kwargs)
@@ -81,11 +83,11 @@ def _transformed(variant: str, seed: int) -> Iterator[None]:
         vectors.matrix = np.concatenate([m[:4], m[perm]])
         return vectors
 
-    train.initial_vectors = shuffled
+    embeddings.initial_vectors = shuffled
     try:
         yield
     finally:
-        train.initial_vectors = original
+        embeddings.initial_vectors = original
 
 
 WORKDIR_MARK = ".captioner-bench-embeddings"
@@ -130,11 +132,12 @@ def fit_variant(store: Path, out: Path, variant: str, seed: int, **settings) -> 
 
 def anisotropy(store: Path, min_word_count: int, seed: int = 0) -> str:
     """Mean cosine similarity between the word vectors fit starts from: word2vec's against N(0, 1)'s."""
-    from pipeline.embeddings import Word2VecConfig, train_captions, train_word2vec
+    from pipeline.embeddings import Word2VecConfig, train_word2vec
     from pipeline.train import TrainConfig, prepare
 
     run = prepare(TrainConfig(store=str(store), device="cpu", min_word_count=min_word_count))
-    captions = train_captions(run.texts, run.owners, run.train_rows)
+    captions = [t for caps in run.captions.references(run.train_rows) for t in caps]  # as fit gives word2vec
+    run.store.close()
     with _transformed("word2vec-raw", seed):  # as gensim gives them
         w2v = train_word2vec(run.vocab, captions, 300, seed, Word2VecConfig()).matrix[4:]
     rnd = np.random.default_rng(seed).standard_normal(w2v.shape)
@@ -234,18 +237,20 @@ def curve_table(title: str, runs: list[dict], key: str = "val_loss") -> Table:
 # -- the datasets --------------------------------------------------------------------------------------------
 
 
-def demo(workdir: Path, quick: bool, seeds: list[int], variants: list[str]) -> tuple[list[Table], list[dict]]:
+def demo(workdir: Path, quick: bool | str, seeds: list[int], variants: list[str]) -> tuple[list[Table], list[dict]]:
     from pipeline.demo import make_dataset
     from pipeline.extract import ExtractConfig, extract
 
-    images, epochs = (120, 3) if quick else (480, 12)
-    folder = workdir / ("demo-quick" if quick else "demo")
+    images, epochs, size = (120, 3, 224) if quick else (480, 12, 224)
+    if quick == "smoke":  # benchmarks.run --quick: seconds, not figures
+        images, epochs, size = (40, 1, 96)
+    folder = workdir / (f"demo-{images}-{size}" if quick else "demo")
     store = folder / "features.h5"
     if store.exists():
         log(f"demo: reusing {store}")
     else:
         log(f"demo: drawing {images} images, extract --weights none")
-        captions = make_dataset(folder, images, 224, seed=0)
+        captions = make_dataset(folder, images, size, seed=0)
         with quiet():
             extract(ExtractConfig(images=folder, captions=captions, store=store, weights="none", device="cpu"))
     settings = {"epochs": epochs, "min_word_count": 1, "captions_per_image": 5, "val_decode_images": 100}
@@ -260,7 +265,7 @@ def demo(workdir: Path, quick: bool, seeds: list[int], variants: list[str]) -> t
     notes = [
         f"`pipeline.demo.make_dataset` ({images} images, 80/10/10 split), `extract --weights none`, then "
         f"`fit` as `demo()` runs it: {epochs} epochs, `--captions-per-image 5`, `--min-word-count 1`, "
-        "validation CIDEr-D on the 48 val images (greedy), batch 32, Adam 1e-3",
+        f"validation CIDEr-D on the {images // 10} val images (greedy), batch 32, Adam 1e-3",
         "`last` is the final epoch; `best` is the epoch fit would keep as model.pt (highest CIDEr-D)",
         "the word2vec line of the first run: " + _w2v_line(runs),
         anisotropy(store, 1),
@@ -276,11 +281,9 @@ def demo(workdir: Path, quick: bool, seeds: list[int], variants: list[str]) -> t
 
 def flickr_store(workdir: Path, n_train: int, n_val: int) -> Path:
     """Random float16 features for the first train and val images of the Karpathy file, with their captions."""
-    from pipeline.datasets import read_karpathy
-
-    entries = list(read_karpathy(require_data(), Counter()).values())
-    train = [e.captions for e in entries if e.split == "train"][:n_train]
-    val = [e.captions for e in entries if e.split == "val"][:n_val]
+    f = flickr_captions()
+    train = f.train[:n_train]
+    val = [caps for caps, split in zip(f.captions, f.splits, strict=True) if split == "val"][:n_val]
     path = workdir / f"flickr-{n_train}-{n_val}.h5"
     if path.exists():
         log(f"flickr: reusing {path}")
@@ -288,8 +291,10 @@ def flickr_store(workdir: Path, n_train: int, n_val: int) -> Path:
     return make_store(path, train + val, splits=["train"] * len(train) + ["val"] * len(val))
 
 
-def flickr(workdir: Path, quick: bool, seeds: list[int], variants: list[str]) -> tuple[list[Table], list[dict]]:
+def flickr(workdir: Path, quick: bool | str, seeds: list[int], variants: list[str]) -> tuple[list[Table], list[dict]]:
     n_train, n_val, epochs = (400, 100, 2) if quick else (2000, 400, 3)
+    if quick == "smoke":  # benchmarks.run --quick
+        n_train, n_val, epochs = (64, 16, 1)
     log(f"flickr: a store of {n_train} train + {n_val} val images (random features, real captions)")
     store = flickr_store(workdir, n_train, n_val)
     settings = {"epochs": epochs, "val_decode_images": n_val // 2}
@@ -319,6 +324,24 @@ def flickr(workdir: Path, quick: bool, seeds: list[int], variants: list[str]) ->
 
 
 DATASETS = {"demo": demo, "flickr": flickr}
+
+
+def run(ctx: Context) -> list[Table]:
+    """The section: both datasets, their default variants (quick: random and word2vec, tiny sizes), seeds 0 and 1
+    on the demo (quick: 0)."""
+    try:
+        import gensim  # noqa: F401
+    except ImportError:
+        raise Skipped("the word2vec runs need gensim: uv sync --extra word2vec") from None
+    if ctx.device.type != "cpu":
+        raise Skipped("measured on the CPU only (fit's quality, not its speed); run it without --device cuda")
+    tables: list[Table] = []
+    (ctx.workdir / "embeddings").mkdir(exist_ok=True)
+    for name, dataset in DATASETS.items():
+        variants = ["random", "word2vec"] if ctx.quick else DEFAULT_VARIANTS[name]
+        seeds = [0] if ctx.quick else [0, 1]
+        tables += dataset(ctx.workdir / "embeddings", "smoke" if ctx.quick else False, seeds, variants)[0]
+    return tables
 
 
 def main(argv: list[str] | None = None) -> int:

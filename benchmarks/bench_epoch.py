@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from benchmarks.common import EPOCH_IMAGES, Context, OurTraining, Table, flickr, make_store, sync, vocabulary
+from benchmarks.common import EPOCH_IMAGES, Context, OurTraining, Skipped, Table, flickr, make_store, sync, vocabulary
 
 
 def _epoch(ours: OurTraining, device: torch.device, warmup: int) -> tuple[float, int]:
@@ -33,7 +33,9 @@ def run(ctx: Context) -> list[Table]:
     from pipeline.train import TrainConfig, fits_on_gpu
 
     dev = ctx.device
-    n = ctx.pick(256, EPOCH_IMAGES)
+    if dev.type == "cpu" and not ctx.quick:
+        raise Skipped("sized for a GPU (29,000-image epochs: hours on a CPU); --device cuda, or --quick to check it")
+    n = ctx.pick(8, EPOCH_IMAGES)
     captions = flickr().train[:n]
     vocab = vocabulary("ours")
     rows = []

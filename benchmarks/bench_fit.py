@@ -20,16 +20,16 @@ from benchmarks.common import (
 )
 from benchmarks.reference import ReferenceLoop, report_encoder
 
-BATCH = 32
+BATCH = 32  # the report's (--quick: 4, a smoke run)
 
 
-def _row(model: str, rule: str, vocab_size: int, cpi: int, t: Timing) -> dict:
+def _row(model: str, rule: str, vocab_size: int, cpi: int, t: Timing, batch: int) -> dict:
     epoch_s = EPOCH_IMAGES * cpi / t.rate
     return {
         "model": model,
         "vocabulary": rule,
         "vocab_size": vocab_size,
-        "batch": BATCH,
+        "batch": batch,
         "captions_per_image": cpi,
         "batches_timed": t.steps,
         "seconds_timed": t.seconds,
@@ -43,12 +43,14 @@ def run(ctx: Context) -> list[Table]:
     from pipeline.store import FeatureStore
 
     dev = ctx.device
+    batch = ctx.pick(4, BATCH)
     store = FeatureStore(ctx.flickr_store())
     n_images = len(store)
     images = write_jpegs(ctx.workdir / "fit-jpegs", 64, seed=1)
     ref_captions = flickr().train[:n_images]
-    ref_sizes = {"warmup": 1, "min_steps": ctx.pick(1, 3), "max_steps": ctx.pick(1, 5), "budget_s": ctx.pick(0, 45)}
-    our_sizes = {"warmup": 2, "min_steps": ctx.pick(3, 10), "max_steps": ctx.pick(6, 60), "budget_s": ctx.pick(2, 15)}
+    ref_sizes = {"warmup": ctx.pick(0, 1), "min_steps": 1, "max_steps": ctx.pick(1, 5), "budget_s": ctx.pick(0, 45)}
+    our_sizes = {"warmup": ctx.pick(1, 2), "min_steps": ctx.pick(1, 10), "max_steps": ctx.pick(1, 60),
+                 "budget_s": ctx.pick(0, 15)}  # fmt: skip
 
     rows, breakdown = [], []
     encoder = report_encoder()
@@ -56,9 +58,9 @@ def run(ctx: Context) -> list[Table]:
         vocab = vocabulary(rule)
         v = len(vocab)
         ctx.log(f"reference, vocabulary {v} ({rule} rule)")
-        ref = ReferenceLoop(images, ref_captions, vocab.stoi, v, dev, BATCH, encoder=encoder)
+        ref = ReferenceLoop(images, ref_captions, vocab.stoi, v, dev, batch, encoder=encoder)
         t_ref = measure(ref.step, dev, **ref_sizes)
-        ref_row = _row("reference (report loop)", rule, v, 1, t_ref)
+        ref_row = _row("reference (report loop)", rule, v, 1, t_ref, batch)
         parts = np.array(ref.breakdown[-t_ref.steps :]).mean(axis=0)
         total = float(parts.sum())
         breakdown.append(
@@ -68,40 +70,40 @@ def run(ctx: Context) -> list[Table]:
         del ref
 
         ctx.log(f"ours, vocabulary {v} ({rule} rule)")
-        ours = OurTraining(store, vocab, BATCH, 1, dev)
+        ours = OurTraining(store, vocab, batch, 1, dev)
         try:
             t_ours = measure(ours.step, dev, **our_sizes)
         finally:
             ours.close()
-        our_row = _row("ours (fit from the store)", rule, v, 1, t_ours)
+        our_row = _row("ours (fit from the store)", rule, v, 1, t_ours, batch)
         ref_row["ratio"] = 1.0
         our_row["ratio"] = t_ours.rate / t_ref.rate
         rows += [ref_row, our_row]
         if dev.type == "cpu":
             ctx.log(f"ours with --amp (bf16 autocast on the CPU), vocabulary {v}")
-            ours_bf16 = OurTraining(store, vocab, BATCH, 1, dev, amp=True)
+            ours_bf16 = OurTraining(store, vocab, batch, 1, dev, amp=True)
             try:
                 t_bf16 = measure(ours_bf16.step, dev, **our_sizes)
             finally:
                 ours_bf16.close()
-            bf16_row = _row("ours, fit --amp (bf16 on CPU)", rule, v, 1, t_bf16)
+            bf16_row = _row("ours, fit --amp (bf16 on CPU)", rule, v, 1, t_bf16, batch)
             bf16_row["ratio"] = t_bf16.rate / t_ref.rate
             rows.append(bf16_row)
         if rule == "ours":
             ctx.log(f"ours, vocabulary {v}, 5 captions per image")
-            ours5 = OurTraining(store, vocab, BATCH, 5, dev)
+            ours5 = OurTraining(store, vocab, batch, 5, dev)
             try:
                 t5 = measure(ours5.step, dev, **our_sizes)
             finally:
                 ours5.close()
-            row5 = _row("ours, captions_per_image=5", rule, v, 5, t5)
+            row5 = _row("ours, captions_per_image=5", rule, v, 5, t5, batch)
             row5["ratio"] = t5.rate / t_ref.rate
             rows.append(row5)
     del encoder
     store.close()
 
     main = Table(
-        "fit: the report's loop vs ours (batch 32, same vocabulary size)",
+        f"fit: the report's loop vs ours (batch {batch}, same vocabulary size)",
         [
             ("model", "model", ""),
             ("vocabulary", "vocab rule", ""),
@@ -129,7 +131,7 @@ def run(ctx: Context) -> list[Table]:
         ],
     )
     parts_table = Table(
-        "fit: where a reference batch's time goes (mean per batch of 32)",
+        f"fit: where a reference batch's time goes (mean per batch of {batch})",
         [
             ("vocab_size", "V", ","),
             ("decode_s", "JPEG decode + transform (s)", ".3f"),

@@ -51,7 +51,7 @@ def _cold_start(model: Path, image: Path, device: str) -> tuple[float, float]:
 def run(ctx: Context) -> list[Table]:
     dev = ctx.device
     folder = ctx.workdir / "generate-images"
-    paths = write_jpegs(folder, ctx.pick(16, 32), seed=3)
+    paths = write_jpegs(folder, ctx.pick(8, 32), seed=3)
     model, record = _tiny_model(ctx, folder, paths)
     rows = []
 
@@ -107,10 +107,10 @@ def _warm(ctx: Context, model: Path, paths: list[Path]) -> list[dict]:
         return captioner.vocab.decode(captioner.caption(pixels, beam)[0].tokens)
 
     for beam in (1, BEAM_SIZE):
-        for p in paths[-2:]:  # warm-up
+        for p in paths[-ctx.pick(1, 2) :]:  # warm-up
             caption(p, beam)
         times = []
-        for p in paths[: ctx.pick(4, 10)]:
+        for p in paths[: ctx.pick(2, 10)]:
             t0 = time.perf_counter()
             caption(p, beam)
             times.append(time.perf_counter() - t0)

@@ -1,7 +1,10 @@
-"""SCST's cost (`fit --scst-after`): a self-critical epoch against a cross-entropy epoch on the same store, CPU.
+"""Section `scst` (opt-in): SCST's cost (`fit --scst-after`), a self-critical epoch against a cross-entropy epoch
+on the same store, CPU.
 
-    uv run python -m benchmarks.bench_scst            # 512 images: a few minutes on 2 busy cores
-    uv run python -m benchmarks.bench_scst --quick    # 64 images (2 steps an epoch): about a minute
+    uv run python -m benchmarks.run --only scst            # 512 images: a few minutes on 2 busy cores
+    uv run python -m benchmarks.run --only scst --quick    # 32 images (1 step an epoch), the tiny decoder
+
+(Its figures in BENCHMARKS.md were measured with the earlier `--quick`: 64 images, the report's decoder.)
 
 The store holds the first N Flickr30k train images' real captions (the vocabulary, the references and the
 document frequencies are real) and random features (benchmarks.common.make_store). Each epoch is one pass of
@@ -23,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BenchmarkError, flickr, make_store
+from benchmarks.common import BenchmarkError, Context, Skipped, Table, flickr, make_store
 
 
-def run(images: int, decoder: str, workdir: Path) -> list[dict]:
+def epochs(images: int, decoder: str, workdir: Path) -> list[dict]:
+    """One cross-entropy and two SCST epochs (mean, greedy baselines) from the same start; then the setting."""
     from pipeline.console import set_quiet
     from pipeline.data import Batches
     from pipeline.loss import CaptionTraining
@@ -46,6 +50,7 @@ def run(images: int, decoder: str, workdir: Path) -> list[dict]:
             finally:
                 self.seconds += time.perf_counter() - t0
 
+    workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "features.h5"
     make_store(store, flickr().train[:images])
     cfg = TrainConfig(store=str(store), epochs=1, batch_size=32, device="cpu", decoder=decoder, feature_norm="none")
@@ -73,30 +78,64 @@ def run(images: int, decoder: str, workdir: Path) -> list[dict]:
     return rows
 
 
+def run(ctx: Context) -> list[Table]:
+    if ctx.device.type != "cpu":
+        raise Skipped("measured on the CPU only (the scorer runs there); run it without --device cuda")
+    images, decoder = (32, "tiny") if ctx.quick else (512, "report")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    try:
+        *rows, meta = epochs(images, decoder, ctx.workdir / "scst")
+    finally:
+        torch.set_num_threads(threads)
+    xe = rows[0]["epoch_s"]
+    table = [
+        {
+            "phase": r["phase"],
+            "epoch_s": r["epoch_s"],
+            "vs_xe": r["epoch_s"] / xe,
+            "scorer_share": r["scorer_share"],
+            "reward": r["record"].get("reward"),
+            "baseline": r["record"].get("baseline"),
+        }
+        for r in rows
+    ]
+    load = os.getloadavg()
+    return [
+        Table(
+            f"scst: an SCST epoch against a cross-entropy epoch, {meta['images']} train images, CPU",
+            [
+                ("phase", "epoch", ""),
+                ("epoch_s", "seconds", ".2f"),
+                ("vs_xe", "x cross-entropy", ".1f"),
+                ("scorer_share", "scorer share", ".1%"),
+                ("reward", "reward", ".3f"),
+                ("baseline", "baseline", ".3f"),
+            ],
+            table,
+            [
+                f"vocabulary {meta['vocabulary']}, decoder {meta['decoder']}, batch 32, at most 2 torch threads; "
+                f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.",
+                "an untrained decoder: every sample runs the full 19 steps, the most an SCST step costs; the scorer "
+                "share is the time in scst.Rewards (CIDEr-D from token ids) over the epoch's.",
+            ],
+        )
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.bench_scst [--quick]`: the same as `benchmarks.run --only scst`, printed only."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_scst", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 images: checks that it runs")
+    parser.add_argument("--quick", action="store_true", help="32 images, the tiny decoder: checks that it runs")
     args = parser.parse_args(argv)
-    images, decoder = (64, "report") if args.quick else (512, "report")
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
     try:
         with tempfile.TemporaryDirectory(prefix="bench_scst-") as tmp:
-            *rows, meta = run(images, decoder, Path(tmp))
+            tables = run(Context(torch.device("cpu"), args.quick, Path(tmp)))
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    load = os.getloadavg()
-    print(f"{meta['images']} train images, vocabulary {meta['vocabulary']}, decoder {meta['decoder']}, CPU, batch 32; "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    xe = rows[0]["epoch_s"]
-    print("| epoch | seconds | x cross-entropy | scorer share | reward | baseline |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        rec = r["record"]
-        reward = f"{rec['reward']:.3f}" if "reward" in rec else "-"
-        base = f"{rec['baseline']:.3f}" if "baseline" in rec else "-"
-        print(f"| {r['phase']} | {r['epoch_s']:.2f} | {r['epoch_s'] / xe:.1f} | {100 * r['scorer_share']:.1f}% "
-              f"| {reward} | {base} |")
+    for t in tables:
+        print(t.markdown())
     return 0
 
 

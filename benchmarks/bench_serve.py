@@ -114,14 +114,14 @@ def run(ctx: Context) -> list[Table]:
     ctx.log("captioner: full-size decoder (random weights), Flickr30k vocabulary, random ResNet50")
     with quiet():
         captioner = _captioner(ctx)
-    n = ctx.pick(3, 10)
+    n, warm = ctx.pick(1, 10), ctx.pick(1, 4)
 
     def in_process(data: bytes) -> None:
         img = open_image(io.BytesIO(data), captioner.transform)
         captioner.caption(resize_uint8(img, captioner.transform).unsqueeze(0), BEAM, n_best=BEAM)
 
     def timed() -> None:
-        for data in images[:4]:  # warm-up: the first calls on CPU also build oneDNN's kernels (seconds each)
+        for data in images[:warm]:  # warm-up: the first calls on CPU also build oneDNN's kernels (seconds each)
             in_process(data)
         for i in range(n):
             t0 = time.perf_counter()
@@ -143,7 +143,7 @@ def run(ctx: Context) -> list[Table]:
         try:
             if max_batch == 8:
                 with httpx.Client(timeout=300) as c:
-                    for data in images[:2]:
+                    for data in images[: min(warm, 2)]:
                         _post(c, server.url, data)
                     timed = [_post(c, server.url, images[i % len(images)]) for i in range(n)]
                 latency = [t for t, _ in timed]
@@ -160,7 +160,7 @@ def run(ctx: Context) -> list[Table]:
                     }
                 )
             before = httpx.get(f"{server.url}/api/health").json()["captioned"]
-            per_client = ctx.pick(2, 6)
+            per_client = ctx.pick(1, 6)
             wall, latency = _concurrent(server.url, images, per_client)
             after = httpx.get(f"{server.url}/api/health").json()["captioned"]
             calls = after["batches"] - before["batches"] - CLIENTS  # less each client's warm-up request

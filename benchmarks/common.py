@@ -4,7 +4,6 @@ our training step, and the Markdown tables."""
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import json
 import math
@@ -41,6 +40,11 @@ class BenchmarkError(Exception):
     """A problem that stops the benchmarks with one clear line (the shared data missing, no GPU...)."""
 
 
+class Skipped(Exception):
+    """Raised by a section that cannot run here (a GPU-sized section on the CPU, an optional package absent),
+    after its imports and setup ran: the run prints the reason and goes on."""
+
+
 # -- the real captions -------------------------------------------------------------------------------------
 
 
@@ -54,25 +58,79 @@ def require_data() -> Path:
     return KARPATHY_FILE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: vocabulary() caches per captions set
 class Flickr:
     train: list[list[str]]  # the captions of each train image, in file order
     all_texts: list[str]  # every caption of every split
     captions: list[list[str]]  # the captions of every image, in file order
     splits: list[str]  # each image's split, in file order (restval as train)
+    synthetic: bool = False  # made-up captions (`--quick` without the real file), not Flickr30k's
+
+
+QUICK_IMAGES = 1200  # --quick: the captions of the file's first images only (a smaller vocabulary, a faster step)
+_QUICK = False
+
+
+def quick_captions() -> bool:
+    """For `--quick` smoke runs: `flickr()` returns the captions of the file's first QUICK_IMAGES images, or,
+    when the real file is absent, made-up captions of the same shape instead of stopping, so that a clean clone
+    without ../shared still runs every section. Returns whether the made-up captions are in use."""
+    global _QUICK
+    _QUICK = True
+    return not KARPATHY_FILE.is_file()
+
+
+def flickr() -> Flickr:
+    """The Flickr30k captions; after `quick_captions()`, the first images' only, or made-up ones."""
+    if _QUICK:
+        return synthetic_flickr(QUICK_IMAGES) if not KARPATHY_FILE.is_file() else _first_images(QUICK_IMAGES)
+    return real_flickr()
 
 
 @lru_cache(maxsize=1)
-def flickr() -> Flickr:
-    """The captions as extract reads them (`sentences[].raw`, whitespace collapsed, empty ones dropped,
-    `restval` counted as train), read from the Karpathy file directly: the benchmarks need the texts and
-    splits only, not extract's image-folder resolution."""
-    with gzip.open(require_data(), "rt", encoding="utf-8") as f:
-        images = json.load(f)["images"]
-    captions = [[" ".join(s["raw"].split()) for s in im["sentences"] if s.get("raw", "").strip()] for im in images]
-    splits = [{"restval": "train"}.get(im.get("split"), im.get("split")) for im in images]
+def _first_images(n: int) -> Flickr:
+    f = real_flickr()
+    captions, splits = f.captions[:n], f.splits[:n]
     train = [caps for caps, split in zip(captions, splits, strict=True) if split == "train"]
     return Flickr(train, [c for caps in captions for c in caps], captions, splits)
+
+
+@lru_cache(maxsize=1)
+def real_flickr() -> Flickr:
+    """The captions as extract reads them (`pipeline.datasets.read_karpathy`: `sentences[].raw`, white space
+    collapsed, NFC, empty ones dropped, `restval` counted as train), in file order."""
+    from collections import Counter
+
+    from pipeline.datasets import read_karpathy
+
+    entries = list(read_karpathy(require_data(), Counter()).values())
+    captions = [e.captions for e in entries if e.captions]
+    splits = [e.split or "train" for e in entries if e.captions]
+    train = [caps for caps, split in zip(captions, splits, strict=True) if split == "train"]
+    return Flickr(train, [c for caps in captions for c in caps], captions, splits)
+
+
+@lru_cache(maxsize=1)
+def synthetic_flickr(images: int) -> Flickr:
+    """Made-up captions in Flickr30k's shape (5 an image, 6-16 words, a vocabulary of ~100 words, 90/5/5
+    train/val/test): enough for every section's `--quick` sizes, never for figures."""
+    rng = np.random.default_rng(0)
+    who = ("man", "woman", "boy", "girl", "dog", "child", "worker", "player", "group", "crowd", "cyclist", "dancer")
+    looks = ("young", "old", "small", "tall", "smiling", "happy", "tired", "busy")
+    doing = ("is walking", "is running", "is sitting", "is standing", "is climbing", "is riding a bike", "is playing")
+    where = ("on the street", "in the park", "near the water", "on a beach", "in a field", "at the market",
+             "on a stage", "in the snow", "by a wall", "under a tree")  # fmt: skip
+    extra = ("with a red shirt", "with a blue hat", "holding a ball", "next to a car", "in front of a building", "")
+    captions, splits = [], []
+    for i in range(images):
+        caps = []
+        for _ in range(5):
+            words = [rng.choice(looks), rng.choice(who), rng.choice(doing), rng.choice(where), rng.choice(extra)]
+            caps.append(" ".join(f"A {' '.join(words)} .".split()))
+        captions.append(caps)
+        splits.append("val" if i % 20 == 18 else "test" if i % 20 == 19 else "train")
+    train = [caps for caps, split in zip(captions, splits, strict=True) if split == "train"]
+    return Flickr(train, [c for caps in captions for c in caps], captions, splits, synthetic=True)
 
 
 VOCAB_RULES = {
@@ -81,12 +139,15 @@ VOCAB_RULES = {
 }
 
 
-@cache
 def vocabulary(rule: str) -> Vocabulary:
     """The vocabulary of the whole Flickr30k file under `rule` (a key of VOCAB_RULES)."""
+    return _vocabulary(rule, flickr())
+
+
+@cache
+def _vocabulary(rule: str, f: Flickr) -> Vocabulary:
     from pipeline.vocab import Vocabulary
 
-    f = flickr()
     if rule == "report":
         return Vocabulary.build(f.all_texts, 1)
     if rule == "ours":
@@ -465,8 +526,9 @@ class Context:
         """A float16 store (pipeline.store.create + Writer) of random features for the first N Flickr30k
         train images, with their real captions; made once per run."""
         if "flickr" not in self._stores:
-            n = self.pick(640, 2000)
-            self.log(f"writing a store of {n} images (random features, real Flickr30k captions)")
+            n = self.pick(128, 2000)
+            kind = "made-up" if flickr().synthetic else "real Flickr30k"
+            self.log(f"writing a store of {n} images (random features, {kind} captions)")
             path = self.workdir / "flickr.h5"
             self._stores["flickr"] = make_store(path, flickr().train[:n])
         return self._stores["flickr"]

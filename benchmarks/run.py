@@ -1,12 +1,15 @@
-"""Entry point: `uv run python -m benchmarks.run [--quick] [--only NAME ...] [--device cpu|cuda] [--out FILE]`.
+"""The one entry point: `uv run python -m benchmarks.run [--quick] [--only NAME ... | --all] [--device cpu|cuda]
+[--out FILE]`.
 
 Runs the sections, prints one Markdown table per measurement (after the machine), and adds this run to the
-JSON file under a key of timestamp and machine, keeping the runs already there.
+JSON file under a key of timestamp and machine, keeping the runs already there. `--quick --all` is CI's smoke
+run: every section at tiny sizes, on made-up captions when the real Flickr30k file is absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -16,13 +19,16 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from benchmarks import (
+    bench_cider,
+    bench_compile,
     bench_ddp,
+    bench_embeddings,
     bench_epoch,
     bench_extract,
     bench_finetune,
@@ -30,13 +36,24 @@ from benchmarks import (
     bench_fit50,
     bench_generate,
     bench_latency,
+    bench_probe,
     bench_quality,
     bench_scaling,
+    bench_scst,
     bench_serve,
+    bench_step,
     bench_store,
     bench_ttq,
 )
-from benchmarks.common import ROOT, BenchmarkError, Context, Table, require_data
+from benchmarks.common import (
+    ROOT,
+    BenchmarkError,
+    Context,
+    Skipped,
+    Table,
+    quick_captions,
+    require_data,
+)
 from pipeline.files import write_text_atomic
 
 SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
@@ -49,13 +66,19 @@ SECTIONS: dict[str, Callable[[Context], list[Table]]] = {
     "serve": bench_serve.run,
     "ddp": bench_ddp.run,
     "finetune": bench_finetune.run,
+    "step": bench_step.run,
+    "cider": bench_cider.run,
+    "scst": bench_scst.run,
+    "compile": bench_compile.run,
+    "probe": bench_probe.run,
     "quality": bench_quality.run,
+    "embeddings": bench_embeddings.run,
     "epoch": bench_epoch.run,
     "fit50": bench_fit50.run,
     "ttq": bench_ttq.run,
 }
-# long (the demo trained twice; Flickr30k-scale epochs; several fits): run only when named
-OPT_IN = ("quality", "epoch", "fit50", "ttq")
+# run only when named (or with --all): minutes to an hour on a CPU, or sized for a GPU
+OPT_IN = ("scst", "compile", "probe", "quality", "embeddings", "epoch", "fit50", "ttq")
 
 
 def cpu_model() -> str:
@@ -149,46 +172,81 @@ def save(out: Path, key: str, entry: dict) -> None:
     write_text_atomic(out, json.dumps(data, indent=1) + "\n")
 
 
+@contextlib.contextmanager
+def one_thread(enabled: bool) -> Iterator[None]:
+    """--quick is a check, not a measurement: one torch thread (and OMP_NUM_THREADS=1 for the sections'
+    subprocesses), which a CPU shared with other jobs does not stall as it stalls two (BENCHMARKS.md, ddp).
+    Restored afterwards: the tests call main() in their own process."""
+    if not enabled:
+        yield
+        return
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: the whole suite in a minute or two")
-    parser.add_argument(
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, about a step each: checks that it runs")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--only", nargs="+", choices=list(SECTIONS), metavar="NAME",
-        help=f"{', '.join(SECTIONS)} ({', '.join(OPT_IN)}: only when named)",
+        help=f"{', '.join(SECTIONS)} ({', '.join(OPT_IN)}: only when named, or with --all)",
     )  # fmt: skip
+    which.add_argument("--all", action="store_true", help="every section, the opt-in ones too")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json", help="JSON results file")
     args = parser.parse_args(argv)
 
+    synthetic = args.quick and quick_captions()
     try:
-        require_data()
+        if synthetic:
+            print("note: the real Flickr30k captions are absent; --quick runs on made-up captions", file=sys.stderr)
+        else:
+            require_data()
         if args.device == "cuda" and not torch.cuda.is_available():
             raise BenchmarkError("--device cuda asked for, but torch sees no CUDA GPU")
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     device = torch.device(args.device)
-    names = args.only or [name for name in SECTIONS if name not in OPT_IN]
+    names = args.only or [name for name in SECTIONS if args.all or name not in OPT_IN]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     info = machine(device)
+    if args.quick:
+        info["torch_threads"] = 1  # one_thread() below
     print(machine_table(info, started, args.quick), flush=True)
 
     entry: dict = {
         "started": started,
         "quick": args.quick,
+        "synthetic_captions": synthetic,
         "argv": sys.argv[1:] if argv is None else argv,
         "machine": info,
         "sections": {},
     }
-    failed = []
+    failed, skipped = [], []
     t_all = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
+    with one_thread(args.quick), tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
         ctx = Context(device=device, quick=args.quick, workdir=Path(tmp))
         for name in names:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             try:
                 tables = SECTIONS[name](ctx)
+            except Skipped as e:
+                skipped.append(name)
+                entry["sections"][name] = {"skipped": str(e), "seconds": time.perf_counter() - t0}
+                print(f"### {name}: skipped ({e})\n", flush=True)
+                continue
             except Exception as e:  # one broken section must not lose the others' figures
                 traceback.print_exc()
                 failed.append(name)
@@ -209,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     save(args.out, key, entry)
     print(f"total {entry['seconds']:.0f} s; results added to {args.out} as {key!r}", flush=True)
+    if skipped:
+        print(f"skipped sections: {', '.join(skipped)}", file=sys.stderr)
     if failed:
         print(f"failed sections: {', '.join(failed)}", file=sys.stderr)
         return 1
