@@ -255,8 +255,8 @@ def test_full_size_decoder_learns_and_writes_loadable_checkpoints(store20, tmp_p
 # The run that resumed runs must reproduce: dropout masks (torch RNG), caption choice (2 of 5 per image),
 # Adam state and the model.pt chosen by validation CIDEr-D all have to carry over a resume.
 # The warm-up (2 steps an epoch here) runs into epoch 3: a resume after epoch 2 continues the ramp.
-RESUMED = {"epochs": 4, "captions_per_image": 2, "dropout": 0.3, "val_decode_images": 2, "warmup_steps": 5}
-RESUMED_ARGS = ("--dropout", "0.3", "--captions-per-image", "2", "--warmup-steps", "5")
+RESUMED = {"epochs": 4, "captions_per_image": 2, "dropout": 0.3, "val_decode_images": 2, "warmup_steps": 6}
+RESUMED_ARGS = ("--dropout", "0.3", "--captions-per-image", "2", "--warmup-steps", "6")
 
 
 @pytest.fixture(scope="module")

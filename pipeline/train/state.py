@@ -34,6 +34,7 @@ RESUMED_KEYS = (
     "grad_clip",
     "lr_step",
     "lr_gamma",
+    "warmup_steps",
     "captions_per_image",
     "attention_penalty",
     "encoder_lr",
