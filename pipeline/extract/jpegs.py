@@ -87,15 +87,16 @@ class ImageBytes(torch.utils.data.Dataset):
 
 @dataclass
 class Batch:
-    """What a worker hands over: the rows' statuses and reasons, the Pillow-decoded pixels (zeros for the
-    JPEGs still to decode and for failed rows), and the JPEGs' bytes with their places in the batch."""
+    """What a worker hands over: the rows' statuses and reasons, the pixels Pillow decoded (failed rows: zeros)
+    and the JPEGs' bytes, each with its places in the batch. No pixels travel for the JPEGs."""
 
     rows: torch.Tensor  # (B,) int64
-    pixels: torch.Tensor  # (B, 3, S, S) uint8
     status: torch.Tensor  # (B,) int64
     reasons: list[str]
-    jpegs: list[torch.Tensor]  # (n_bytes,) uint8 each
-    at: list[int]  # where each JPEG goes in the batch
+    pixels: torch.Tensor  # (K, 3, S, S) uint8, Pillow's
+    at_pixels: list[int]  # where each of them goes in the batch
+    jpegs: list[torch.Tensor]  # B - K files, (n_bytes,) uint8 each
+    at_jpegs: list[int]
 
     def pin_memory(self) -> Batch:  # the DataLoader's pin thread calls this (pin_memory=True on CUDA)
         self.pixels = self.pixels.pin_memory()
@@ -104,42 +105,51 @@ class Batch:
 
 def collate(size: int, items: list[tuple[int, torch.Tensor, int, str]]) -> Batch:
     rows, data, status, reasons = zip(*items, strict=True)
-    pixels = torch.zeros((len(items), 3, size, size), dtype=torch.uint8)
-    at = [i for i, d in enumerate(data) if d.dim() == 1]
-    for i, d in enumerate(data):
-        if d.dim() == 3:
-            pixels[i] = d
-    return Batch(torch.tensor(rows), pixels, torch.tensor(status), list(reasons), [data[i] for i in at], at)
+    at_pixels = [i for i, d in enumerate(data) if d.dim() == 3]
+    at_jpegs = [i for i, d in enumerate(data) if d.dim() == 1]
+    none = torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    pixels = torch.stack([data[i] for i in at_pixels]) if at_pixels else none
+    jpegs = [data[i] for i in at_jpegs]
+    return Batch(torch.tensor(rows), torch.tensor(status), list(reasons), pixels, at_pixels, jpegs, at_jpegs)
 
 
 class DeviceDecoder:
-    """Turns a worker's `Batch` into `(rows, pixels, status, reasons)` as the CPU path's loader gives them,
-    with the pixels on `device`. `decoded`: the JPEGs decoded on the device so far."""
+    """Turns a worker's `Batch` into `(rows, pixels, status, reasons)` as the CPU path's loader gives them:
+    pixels (B, 3, S, S) uint8, on `device` once a JPEG was decoded there. `decoded`: the JPEGs decoded on the
+    device so far."""
 
     def __init__(self, files, device: torch.device, transform: TransformConfig) -> None:
         self.files, self.device, self.transform, self.decoded = files, device, transform, 0
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-        pixels = batch.pixels
-        if batch.jpegs:
-            try:
-                decoded = decode_resize(batch.jpegs, self.device, self.transform)  # (J, 3, S, S)
-            except torch.cuda.OutOfMemoryError:
-                raise  # extract's "out of memory ... --batch-size" error
-            except (RuntimeError, ValueError) as e:
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                warn(f"{len(batch.jpegs)} JPEGs failed to decode on {self.device} ({reason}): Pillow decodes them")
-                self._with_pillow(batch)
-            else:
-                pixels = pixels.to(self.device, non_blocking=True)
-                pixels[batch.at] = decoded
-                self.decoded += len(batch.jpegs)
+        if not batch.jpegs:
+            return batch.rows, batch.pixels, batch.status, batch.reasons
+        try:
+            decoded = decode_resize(batch.jpegs, self.device, self.transform)  # (J, 3, S, S)
+        except torch.cuda.OutOfMemoryError:
+            raise  # extract's "out of memory ... --batch-size" error
+        except (RuntimeError, ValueError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warn(f"{len(batch.jpegs)} JPEGs failed to decode on {self.device} ({reason}): Pillow decodes them")
+            return batch.rows, self._with_pillow(batch), batch.status, batch.reasons
+        self.decoded += len(batch.jpegs)
+        size = self.transform.size
+        pixels = torch.empty((len(batch.rows), 3, size, size), dtype=torch.uint8, device=self.device)
+        pixels[batch.at_jpegs] = decoded
+        if batch.at_pixels:
+            pixels[batch.at_pixels] = batch.pixels.to(self.device, non_blocking=True)
         return batch.rows, pixels, batch.status, batch.reasons
 
-    def _with_pillow(self, batch: Batch) -> None:
-        """The CPU path for each JPEG of the batch, in this process: Pillow's pixels, status and reason."""
-        for i in batch.at:
-            _, batch.pixels[i], batch.status[i], batch.reasons[i] = self.files.load(int(batch.rows[i]))
+    def _with_pillow(self, batch: Batch) -> torch.Tensor:
+        """The CPU path for each JPEG of the batch, in this process: Pillow's pixels, status and reason. Returns
+        the batch's pixels, on the CPU."""
+        size = self.transform.size
+        pixels = torch.zeros((len(batch.rows), 3, size, size), dtype=torch.uint8)
+        if batch.at_pixels:
+            pixels[batch.at_pixels] = batch.pixels
+        for i in batch.at_jpegs:
+            _, pixels[i], batch.status[i], batch.reasons[i] = self.files.load(int(batch.rows[i]))
+        return pixels
 
 
 def decode_resize(jpegs: list[torch.Tensor], device: torch.device, transform: TransformConfig) -> torch.Tensor:
