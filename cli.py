@@ -52,6 +52,12 @@ class Layer(str, Enum):
     layer3 = "layer3"
 
 
+class Decode(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
 class FeatureNorm(str, Enum):
     channel = "channel"
     rms = "rms"
@@ -190,6 +196,14 @@ def extract(
     layer: Annotated[
         Layer, typer.Option(help="Stage stored: layer4 (7x7x2048) or layer3 (14x14x1024, for fit --finetune layer4).")
     ] = Layer(X.layer),
+    decode: Annotated[
+        Decode,
+        typer.Option(
+            help="Where JPEGs are decoded: auto (on the GPU when the device is CUDA), gpu (an error without CUDA) "
+            "or cpu (Pillow in the workers). Other images, and JPEGs the GPU cannot decode as Pillow does, always "
+            "go through Pillow."
+        ),
+    ] = Decode(X.decode),
 ) -> None:
     """Run a frozen ResNet50 once over every captioned image and store its 7x7x2048 features (layer4), or its
     14x14x1024 layer3 features for fine-tuning layer4 (--layer layer3: twice the disk).
@@ -211,6 +225,7 @@ def extract(
             dtype=dtype.value,
             overwrite=overwrite,
             layer=layer.value,
+            decode=decode.value,
         )
         run_extract(cfg)
 

@@ -30,6 +30,9 @@ EVAL_SPLITS = ("test", "val")  # what evaluate scores; never train, the captions
 FEATURE_NORMS = ("channel", "rms", "none")  # TrainConfig.feature_norm
 FINETUNE_LAYERS = ("layer4",)  # TrainConfig.finetune
 SCST_BASELINES = ("mean", "greedy")  # TrainConfig.scst_baseline (pipeline/scst.py)
+# ExtractConfig.decode (extract --decode): where JPEGs are decoded. auto: on the GPU when the device is CUDA
+# (nvjpeg), else on the CPU (Pillow, in the workers); gpu: on the GPU or an error; cpu: always Pillow
+DECODE_MODES = ("auto", "cpu", "gpu")
 
 
 def _transform() -> TransformConfig:
@@ -58,6 +61,7 @@ class ExtractConfig:
     dtype: str = "float16"
     overwrite: bool = False
     layer: str = "layer4"  # the ResNet50 stage stored: layer4 (7x7x2048) or layer3 (14x14x1024)
+    decode: str = DECODE_MODES[0]  # where JPEGs are decoded: auto, cpu or gpu (DECODE_MODES)
     transform: TransformConfig = field(default_factory=_transform)
 
 

@@ -189,14 +189,17 @@ def test_extract_config(calls):
     _invoke(
         "extract", "--images", "imgs", "--captions", "c.txt", "--store", "s.h5", "--weights", "none", "--batch-size",
         "8", "--workers", "2", "--device", "cpu", "--dtype", "float32", "--overwrite", "--layer", "layer3",
+        "--decode", "cpu",
     )  # fmt: skip
     expected = ExtractConfig(
         images=Path("imgs"), captions=Path("c.txt"), store=Path("s.h5"), weights="none", batch_size=8, workers=2,
-        device="cpu", dtype="float32", overwrite=True, layer="layer3",
+        device="cpu", dtype="float32", overwrite=True, layer="layer3", decode="cpu",
     )  # fmt: skip
     assert calls[-1] == ("extract", expected)
     assert ExtractConfig(images=Path("imgs")).layer == "layer4"
     assert CliRunner().invoke(app, ["extract", "--images", "imgs", "--layer", "layer5"]).exit_code == 2
+    assert ExtractConfig(images=Path("imgs")).decode == "auto"
+    assert CliRunner().invoke(app, ["extract", "--images", "imgs", "--decode", "nvjpeg"]).exit_code == 2
 
 
 def test_serve_config(calls):
@@ -229,12 +232,12 @@ def _choices(option) -> set[str] | None:
 
 def _library_choices(command: str) -> dict[str, set[str]]:
     """What the library accepts for each option that the CLI offers as a choice."""
-    from pipeline.config import FEATURE_NORMS, FINETUNE_LAYERS, SCST_BASELINES
+    from pipeline.config import DECODE_MODES, FEATURE_NORMS, FINETUNE_LAYERS, SCST_BASELINES
     from pipeline.encoder import ENCODER_NAMES
     from pipeline.store import DTYPES
 
     return {
-        "extract": {"dtype": set(DTYPES), "layer": set(ENCODER_NAMES)},
+        "extract": {"dtype": set(DTYPES), "layer": set(ENCODER_NAMES), "decode": set(DECODE_MODES)},
         "fit": {
             "feature_norm": set(FEATURE_NORMS),
             "finetune": set(FINETUNE_LAYERS),

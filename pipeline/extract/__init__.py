@@ -8,6 +8,7 @@ in one process), in four modules:
 - `plan`: what can be refused up front, and what to do with the store: create, resume, rebuild or refuse it,
   and which rows are left to extract;
 - `encode`: decode the images in workers, run the encoder, write the rows through a writer;
+- `jpegs`: on CUDA, the plain JPEGs decoded on the GPU instead (the workers read their bytes);
 - `shared`: the writer of one rank under torchrun (features written in place, statuses through rank 0);
 - `run`: `extract()`, which ties them together.
 
@@ -25,9 +26,18 @@ What it promises, and how:
   next run retries it. Only an image that cannot be decoded is skipped for good.
 """
 
-from pipeline.extract.config import EncoderFactory, ExtractConfig, provenance
+from pipeline.extract.config import DECODE_MODES, EncoderFactory, ExtractConfig, provenance
 from pipeline.extract.encode import ImageFiles, printable
 from pipeline.extract.plan import check_options
 from pipeline.extract.run import extract
 
-__all__ = ["EncoderFactory", "ExtractConfig", "ImageFiles", "check_options", "extract", "printable", "provenance"]
+__all__ = [
+    "DECODE_MODES",
+    "EncoderFactory",
+    "ExtractConfig",
+    "ImageFiles",
+    "check_options",
+    "extract",
+    "printable",
+    "provenance",
+]

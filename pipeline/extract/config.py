@@ -11,7 +11,7 @@ import PIL
 import torch
 import torchvision
 
-from pipeline.config import ExtractConfig
+from pipeline.config import DECODE_MODES, ExtractConfig
 from pipeline.encoder import ENCODER_NAMES, WeightsInfo
 from pipeline.store import FORMAT_VERSION
 from pipeline.transform import TransformConfig
@@ -20,8 +20,12 @@ from pipeline.transform import TransformConfig
 EncoderFactory = Callable[[str, str], tuple[torch.nn.Module, WeightsInfo]]
 
 
-def provenance(weights: dict, transform: TransformConfig, dtype: str, layer: str = "layer4") -> dict:
-    """The store's attributes that say how its features were made (compared on resume)."""
+def provenance(
+    weights: dict, transform: TransformConfig, dtype: str, layer: str = "layer4", jpeg_decoder: str = "pillow"
+) -> dict:
+    """The store's attributes that say how its features were made (compared on resume, but `jpeg_decoder` and
+    the library versions: what decoded the plain JPEGs of the run that made the store, pillow or nvjpeg+pillow;
+    their features agree within the tolerance docs/speed.md gives)."""
     return {
         "format_version": FORMAT_VERSION,
         "encoder": ENCODER_NAMES[layer],
@@ -29,6 +33,7 @@ def provenance(weights: dict, transform: TransformConfig, dtype: str, layer: str
         **weights,
         "transform": json.dumps(transform.to_dict(), sort_keys=True),
         "dtype": dtype,
+        "jpeg_decoder": jpeg_decoder,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "h5py_version": h5py.__version__,
@@ -36,4 +41,4 @@ def provenance(weights: dict, transform: TransformConfig, dtype: str, layer: str
     }
 
 
-__all__ = ["EncoderFactory", "ExtractConfig", "provenance"]
+__all__ = ["DECODE_MODES", "EncoderFactory", "ExtractConfig", "provenance"]

@@ -1,5 +1,6 @@
-"""extract's loop: decode the images of the rows in workers (`ImageFiles`, `loader`), run the encoder on each
-batch and write the rows through a writer (`extract_rows`). A bad image is a status, never an exception."""
+"""extract's loop: decode the images of the rows in workers (`ImageFiles`, `loader`; on CUDA the plain JPEGs
+on the GPU instead: `jpegs`), run the encoder on each batch and write the rows through a writer
+(`extract_rows`). A bad image is a status, never an exception."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pipeline.datasets import CaptionSet
 from pipeline.encoder import encode
 from pipeline.errors import UserError, describe
 from pipeline.extract.config import ExtractConfig
+from pipeline.extract.jpegs import DeviceDecoder, ImageBytes, collate
 from pipeline.runtime import autocast, default_workers
 from pipeline.store import DTYPES, SKIPPED, UNREADABLE, WRITTEN, Writer
 from pipeline.transform import DECODE_ERRORS, TransformConfig, is_read_error, load_uint8, normalize
@@ -50,7 +52,9 @@ class ImageFiles(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, int, str]:
-        row = int(self.rows[i])
+        return self.load(int(self.rows[i]))
+
+    def load(self, row: int) -> tuple[int, torch.Tensor, int, str]:
         size = self.transform.size
         try:
             return row, load_uint8(self.root / self.names[row], self.transform), WRITTEN, ""
@@ -72,14 +76,19 @@ def _die_with_parent(parent: int, worker_id: int) -> None:
         os._exit(0)
 
 
-def loader(cfg: ExtractConfig, captions: CaptionSet, rows: np.ndarray, cuda: bool) -> DataLoader:
-    """The decoded images of `rows`, in order, in batches of cfg.batch_size, from cfg.workers processes."""
+def loader(
+    cfg: ExtractConfig, captions: CaptionSet, rows: np.ndarray, cuda: bool, decode_on: torch.device | None = None
+) -> DataLoader:
+    """The decoded images of `rows`, in order, in batches of cfg.batch_size, from cfg.workers processes. With
+    `decode_on`, plain JPEGs come as bytes, to be decoded there (`jpegs.Batch`, `jpegs.DeviceDecoder`)."""
     workers = default_workers() if cfg.workers is None else cfg.workers
     # fork: a worker starts in ~0.1 s; forkserver and spawn import torch again in each (8-10 s measured).
     fork = workers > 0 and "fork" in multiprocessing.get_all_start_methods()
+    files = ImageFiles(cfg.images.resolve(), captions.images, rows, cfg.transform)
     return DataLoader(
-        ImageFiles(cfg.images.resolve(), captions.images, rows, cfg.transform),
+        files if decode_on is None else ImageBytes(files),
         batch_size=cfg.batch_size,
+        collate_fn=None if decode_on is None else partial(collate, cfg.transform.size),
         shuffle=False,
         num_workers=workers,
         pin_memory=cuda,
@@ -97,12 +106,15 @@ def extract_rows(
     captions: CaptionSet,
     rows: np.ndarray,
     open_writer: Callable[[], RowWriter] | None = None,
+    decode_on: torch.device | None = None,
 ) -> tuple[dict, dict]:
     """Decode, encode and write `rows`; returns the store's counts and this run's. A dead decoding worker and
     running out of memory are UserErrors; either way every batch written so far is kept. `open_writer`: what
-    the rows are written through (store.Writer by default; one rank's share under torchrun)."""
+    the rows are written through (store.Writer by default; one rank's share under torchrun). `decode_on`:
+    the device that decodes plain JPEGs (jpegs.decode_device), None: Pillow in the workers decodes all."""
     try:
-        return _encode_and_write(cfg, trunk, device, captions, rows, open_writer or partial(Writer, cfg.store))
+        writer = open_writer or partial(Writer, cfg.store)
+        return _encode_and_write(cfg, trunk, device, captions, rows, writer, decode_on)
     except torch.cuda.OutOfMemoryError:
         raise UserError(
             f"out of memory on {device} with --batch-size {cfg.batch_size}: rerun with a smaller --batch-size "
@@ -127,18 +139,23 @@ def _encode_and_write(
     captions: CaptionSet,
     rows: np.ndarray,
     open_writer: Callable[[], RowWriter],
+    decode_on: torch.device | None,
 ) -> tuple[dict, dict]:
     cuda = device.type == "cuda"
     trunk = trunk.to(device, memory_format=torch.channels_last)
     np_dtype = DTYPES[cfg.dtype]
+    images = loader(cfg, captions, rows, cuda, decode_on)
+    # plain JPEGs decoded on decode_on, to (rows, pixels, status, reasons) as the CPU path's loader gives them
+    decoder = DeviceDecoder(images.dataset.files, decode_on, cfg.transform) if decode_on is not None else None
     # The iterator forks the decoding workers before the store is opened for writing, so that they never
     # hold its file descriptor, nor the HDF5 lock on it.
-    batches = iter(loader(cfg, captions, rows, cuda))
+    batches = iter(images)
     now = {"written_now": 0, "skipped_now": 0, "unreadable_now": 0}
     writer = open_writer()
     try:
         with progress(len(rows), "extract", unit="img") as advance, torch.inference_mode():
-            for batch_rows, pixels, status, reasons in batches:
+            for batch in batches:
+                batch_rows, pixels, status, reasons = decoder(batch) if decoder is not None else batch
                 batch_rows, status = batch_rows.numpy(), status.numpy()
                 ok = status == WRITTEN
                 for row, state, reason in zip(batch_rows[~ok], status[~ok], np.asarray(reasons)[~ok], strict=True):
@@ -161,7 +178,7 @@ def _encode_and_write(
     finally:
         _shut_down(batches)
         writer.close()
-    return counts, now
+    return counts, now | {"device_decoded_now": decoder.decoded if decoder is not None else 0}
 
 
 def _shut_down(batches) -> None:

@@ -9,6 +9,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+import torch
+
 from pipeline.console import info, warn
 from pipeline.datasets import CaptionSet, read_captions
 from pipeline.distributed import Dist, session
@@ -16,37 +18,49 @@ from pipeline.encoder import build_encoder
 from pipeline.errors import UserError
 from pipeline.extract.config import EncoderFactory, ExtractConfig, provenance
 from pipeline.extract.encode import extract_rows
+from pipeline.extract.jpegs import announce, decode_device, decoder_name
 from pipeline.extract.plan import check_options, check_written, lock_store, prepare_store, skipped_text, store_counts
 from pipeline.extract.shared import writer_for
 from pipeline.runtime import default_workers
 
 
-def extract(cfg: ExtractConfig, encoder_factory: EncoderFactory = build_encoder) -> dict:
+def extract(
+    cfg: ExtractConfig, encoder_factory: EncoderFactory = build_encoder, jpeg_device: str | None = None
+) -> dict:
     """Fill the store for every captioned, decodable image; resumable. Returns the run's summary (under
     torchrun the same on every rank, but `bytes`: rank 0's). `encoder_factory(weights, layer)` builds the
-    trunk and its provenance (pipeline.encoder.build_encoder; tests pass a cheap stand-in)."""
+    trunk and its provenance (pipeline.encoder.build_encoder; tests pass a cheap stand-in). `jpeg_device`:
+    decode plain JPEGs batched on this device whatever cfg.decode says (tests run the GPU path's code with
+    "cpu"); None: as cfg.decode and the device decide (jpegs.decode_device)."""
     start = time.perf_counter()
     images, path = Path(cfg.images), Path(cfg.store)
     with session(cfg.device) as dist:
         with contextlib.ExitStack() as held:  # the store's lock, rank 0's, until the rows are written
             # one process a node makes the checks that write a probe file (pids differ within a node only)
             dist.check(lambda: check_options(cfg) if dist.local_rank == 0 else None)
+            if jpeg_device is not None:
+                decode_on: torch.device | None = torch.device(jpeg_device)
+            else:
+                decode_on = dist.check(lambda: decode_device(cfg.decode, dist.device))
             old = dist.decide(lambda: lock_store(path, held))
             captions = dist.check(lambda: _read_captions(cfg, images, dist))
             # rank 0 of each node first: an ImageNet download then happens once per node
             built = dist.check(lambda: encoder_factory(cfg.weights, cfg.layer) if dist.local_rank == 0 else None)
             trunk, weights = dist.check(lambda: built or encoder_factory(cfg.weights, cfg.layer))
-            prov = provenance(weights.to_dict(), cfg.transform, cfg.dtype, cfg.layer)
+            prov = provenance(weights.to_dict(), cfg.transform, cfg.dtype, cfg.layer, decoder_name(decode_on))
             summary = {"store": str(path), "images": len(captions), "captions": sum(map(len, captions.captions))}
             rows = dist.decide(lambda: prepare_store(cfg, captions, prov, old))
             if rows is None:
-                zero = {"written_now": 0, "skipped_now": 0, "unreadable_now": 0}
+                zero = {"written_now": 0, "skipped_now": 0, "unreadable_now": 0, "device_decoded_now": 0}
                 return summary | store_counts(old) | zero | {"seconds": time.perf_counter() - start}
             open_writer = writer_for(dist, path, rows)
             mine = dist.part(rows)
             if dist.enabled:
                 info(f"extract: {len(rows)} images over {dist.world} processes ({len(mine)} on rank 0)")
-            counts, now = extract_rows(_workers(cfg, dist), trunk, dist.device, captions, mine, open_writer)
+            run_cfg = _workers(cfg, dist)
+            if dist.is_main:
+                announce(decode_on, run_cfg.workers or 0)
+            counts, now = extract_rows(run_cfg, trunk, dist.device, captions, mine, open_writer, decode_on)
             now = dict(zip(now, (int(v) for v in dist.sum(*now.values())), strict=True))
         dist.check(lambda: check_written(images, counts))  # the same counts on every rank: rank 0 reports
         return summary | counts | now | _report(dist, path, summary, counts, now, time.perf_counter() - start)
