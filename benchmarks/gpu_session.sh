@@ -21,12 +21,15 @@ section() {  # section SECONDS NAME [extra args]
   timeout "$limit" python3 -m benchmarks.run --device cuda --out "$out/results.json" --only "$name" "$@"
   echo "=== $(date +%T) $name: exit $?"
 }
-# extract first: GPU JPEG decoding (--decode gpu) against Pillow in workers, never measured yet (2026-12);
-# 2,048 JPEGs written (~25 s), 6 extract runs and the feature comparison (the CPU-only section took 40 s)
-section 120 extract
-# fit50 is measured (2026-11-26: 17-20 min projected from 7 epochs); 140 s of training still gives 5-6 epochs
-CAPTIONER_FIT50_BUDGET=${CAPTIONER_FIT50_BUDGET:-140} section 210 fit50
-section 170 epoch
-section 60 fit --quick
-# not yet measured on a GPU: the compiled cell (fit --compile) at the report's batch, against the first row
-CAPTIONER_FIT50_EPOCHS=3 CAPTIONER_FIT50_ARGS="--compile" section 150 fit50
+# One `run` call may last 600 s and a session has ~15 minutes of device time with the start: the sections
+# below fit in ~560 s, most wanted first. Each is lost alone if it runs out.
+# 1. extract: GPU JPEG decoding (--decode gpu) against Pillow in workers, never measured yet (2026-12);
+#    2,048 JPEGs written (~25 s), 6 extract runs and the feature comparison (the CPU-only section took 40 s)
+section 110 extract
+# 2. time to quality (issue 20): fit's batch-32 run over 6 epochs sets the target val loss, then batch 256 and
+#    1024 with rate rules and warm-ups race to it (each run at most 6 epochs and 150 s)
+CAPTIONER_TTQ_EPOCHS=${CAPTIONER_TTQ_EPOCHS:-6} CAPTIONER_TTQ_BUDGET=${CAPTIONER_TTQ_BUDGET:-150} section 360 ttq
+# 3. SCST epochs at Flickr30k scale (1 cross-entropy epoch, then SCST), batch 256
+CAPTIONER_FIT50_EPOCHS=3 CAPTIONER_FIT50_ARGS="--batch-size 256 --scst-after 1" section 90 fit50
+# Measured before (2026-11-26), rerun only with time to spare: `section 170 epoch`, `section 60 fit --quick`,
+# and the compiled cell: CAPTIONER_FIT50_EPOCHS=3 CAPTIONER_FIT50_ARGS="--compile" section 150 fit50
