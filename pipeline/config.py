@@ -222,8 +222,8 @@ class DemoConfig:
     """`demo`."""
 
     out: Path = Path("cache/demo")
-    images: int = 480
-    epochs: int = 12
+    images: int = 960  # 768 train: shape is read from the features at 98% (linear probe) against 85% with 384
+    epochs: int = 6  # the same steps as 480 images x 12 epochs
     size: int = 224
     seed: int = 0
     weights: str | None = None  # None: ImageNet V1 when cached, else none
