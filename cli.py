@@ -8,6 +8,7 @@ Run `uv run cli.py --help`, or `uv run cli.py COMMAND --help` for one command.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 import signal
@@ -28,6 +29,12 @@ from pipeline.config import GenerateConfig as G
 from pipeline.config import ServeConfig as S
 from pipeline.config import TrainConfig as T
 from pipeline.errors import UserError, describe
+
+# torch's CPU threads (OpenMP) spin between its parallel regions by default. When anything else shares the cores,
+# a spinning team waits at each of a ResNet50 forward's ~170 regions for a partner that is not running: measured
+# on 2 shared cores, 2.3-4.9 s a forward against 0.12-0.27 s with passive waiting (docs/speed.md). Set before
+# torch is imported (it is imported by the commands, not here); a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     add_completion=False,

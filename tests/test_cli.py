@@ -289,3 +289,20 @@ def test_the_library_refuses_the_train_split_as_the_cli_does():
 
 def test_demo_trains_with_fits_defaults():
     assert (DemoConfig.encoder_lr, DemoConfig.finetune_after) == (TrainConfig.encoder_lr, TrainConfig.finetune_after)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_torch_threads_wait_passively_unless_the_user_says_otherwise(given, expected, subprocess_env):
+    """cli.py sets OMP_WAIT_POLICY before any command imports torch (docs/speed.md: spinning threads stall on
+    shared cores); a value in the environment is the user's and is kept."""
+    import subprocess
+    import sys
+
+    from helpers_store import ROOT
+
+    env = {k: v for k, v in subprocess_env.items() if k != "OMP_WAIT_POLICY"} | (
+        {"OMP_WAIT_POLICY": given} if given else {}
+    )
+    code = "import os, sys, cli; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == [expected, "False"], out.stdout + out.stderr
