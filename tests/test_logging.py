@@ -39,9 +39,9 @@ def test_extract_reports_through_logging_and_prints_nothing_itself(tmp_path, mak
     assert again["nothing_to_do"] and console.extract_line(again) is None
 
 
-def test_without_logging_set_up_info_is_silent_and_warnings_reach_stderr(capsys):
-    """A script or a notebook that sets no logging: Python's defaults (pytest's own capture stands in for
-    logging.lastResort here, so the warning is checked through the handler that a script would get)."""
+def test_without_logging_set_up_info_and_progress_are_off(capsys):
+    """A script or a notebook that sets up no logging gets Python's defaults: info off, warnings on (to stderr,
+    through logging.lastResort; under pytest its capture handler takes them instead)."""
     log = logging.getLogger("pipeline.somewhere")
     assert not log.isEnabledFor(logging.INFO) and log.isEnabledFor(logging.WARNING)
     with console.progress(4, "steps") as advance:
