@@ -7,6 +7,7 @@ Run `uv run cli.py --help`, or `uv run cli.py COMMAND --help` for one command.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -14,7 +15,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -89,10 +90,12 @@ def _call(fn: Callable, *args, interrupted: Callable[[], str] = lambda: "interru
     """The one boundary between the library and the user. A UserError becomes one `error:` line on stderr and
     exit 1; so do the failures a user can cause without a bug of ours (memory, the file system). Ctrl-C
     prints `interrupted()` and exits 130; a second Ctrl-C is ignored while the first one cleans up (temp
-    files, the lock). No traceback. Generators (generate's captions) are consumed inside this boundary."""
+    files, the lock). No traceback. Generators (generate's captions) are consumed inside this boundary, and
+    the library's log lines are printed while it runs (`_terminal_logging`)."""
     previous = _catch_one_sigint()
     try:
-        result = fn(*args, **kwargs)
+        with _terminal_logging():
+            result = fn(*args, **kwargs)
     except UserError as e:
         if e.quiet:  # another process of the same torchrun job printed it
             _restore_sigint(previous)
@@ -114,6 +117,15 @@ def _call(fn: Callable, *args, interrupted: Callable[[], str] = lambda: "interru
         _fail(f"out of GPU memory{_oom_detail(e)}: try a smaller --batch-size", previous)
     _restore_sigint(previous)
     return result
+
+
+@contextlib.contextmanager
+def _terminal_logging() -> Iterator[None]:
+    """The library's log records printed as today's lines (console.terminal_logging): info and progress from
+    rank 0 alone under torchrun, warnings from every rank."""
+    launch = _pipeline("distributed", "launched")()
+    with _pipeline("console", "terminal_logging")(quiet=launch is not None and launch.rank != 0):
+        yield
 
 
 def _oom_detail(e: BaseException) -> str:
@@ -234,7 +246,7 @@ def extract(
             layer=layer.value,
             decode=decode.value,
         )
-        run_extract(cfg)
+        _pipeline("console", "print_extract_summary")(run_extract(cfg))
 
     _call(run, interrupted=lambda: "interrupted: rerun the same command to resume")
 

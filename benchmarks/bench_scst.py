@@ -31,7 +31,6 @@ from benchmarks.common import BenchmarkError, Context, Skipped, Table, flickr, m
 
 def epochs(images: int, decoder: str, workdir: Path) -> list[dict]:
     """One cross-entropy and two SCST epochs (mean, greedy baselines) from the same start; then the setting."""
-    from pipeline.console import set_quiet
     from pipeline.data import Batches
     from pipeline.loss import CaptionTraining
     from pipeline.model import CaptionModel
@@ -56,7 +55,6 @@ def epochs(images: int, decoder: str, workdir: Path) -> list[dict]:
     cfg = TrainConfig(store=str(store), epochs=1, batch_size=32, device="cpu", decoder=decoder, feature_norm="none")
     data = prepare(cfg)
     batches = Batches(data.store, data.captions, data.train_rows, cfg.batch_size, 1, torch.device("cpu"))
-    set_quiet(True)
     warm = CaptionModel(build_model(cfg, len(data.vocab)))  # first calls load code (fused Adam...): not timed
     train_step(CaptionTraining(warm), make_optimizer(warm, cfg.lr), next(iter(batches.iterate(0, 0))), cfg)
     rows = []
@@ -72,7 +70,6 @@ def epochs(images: int, decoder: str, workdir: Path) -> list[dict]:
             record, scorer = scst_epoch(module, optimizer, batches, 1, cfg), rewards.seconds
         seconds = record["seconds"]  # the training pass alone
         rows.append({"phase": phase, "epoch_s": seconds, "scorer_share": scorer / seconds, "record": record})
-    set_quiet(False)
     data.store.close()
     rows.append({"vocabulary": len(data.vocab), "images": len(data.train_rows), "decoder": decoder})
     return rows

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from pipeline.console import terminal_logging
 from pipeline.store import row_bytes
 
 if TYPE_CHECKING:
@@ -359,10 +360,11 @@ class RssSampler:
 
 @contextlib.contextmanager
 def quiet() -> Iterator[io.StringIO]:
-    """Capture what pipeline code prints (progress lines, info); shown on stderr only if it fails."""
+    """Capture what pipeline code reports (its log lines, as the CLI prints them, and progress lines); shown
+    on stderr only if it fails."""
     buf = io.StringIO()
     try:
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), terminal_logging():
             yield buf
     except BaseException:
         sys.stderr.write(buf.getvalue())

@@ -1,9 +1,12 @@
-"""Terminal output: warnings on stderr, a Rich progress bar on a TTY and plain lines elsewhere, and the
-rendering of results that the library returns as data (evaluate's scores, generate's captions)."""
+"""Terminal output. The library reports through `logging` (the `pipeline` logger and its children); while a
+command of the CLI runs, `terminal_logging` prints those records as lines: info on stdout as it is, warnings on
+stderr as `warning: ...`. Here too: a Rich progress bar on a TTY and plain lines elsewhere, and the rendering of
+results that the library returns as data (evaluate's scores, generate's captions, extract's summary)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -22,25 +25,38 @@ from rich.table import Table
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-_quiet = False  # info lines and progress off: the ranks other than 0 of a torchrun job
+log = logging.getLogger("pipeline")  # every library module logs to a child of it (logging.getLogger(__name__))
 
 
-def set_quiet(quiet: bool) -> bool:
-    """Silence (or restore) info lines and progress; warnings still print. Returns the previous setting."""
-    global _quiet
-    previous, _quiet = _quiet, quiet
-    return previous
+class _Lines(logging.Handler):
+    """A record as a line: below WARNING on stdout as it is, WARNING and above on stderr as `warning: ...` in
+    yellow; no time or level columns (RichHandler's). Through the Rich consoles, which write to the sys.stdout
+    and sys.stderr of the moment: a live progress bar (which redirects them) stays below the lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.WARNING:
+                err.print(f"warning: {message}", markup=False, style="yellow")
+            else:
+                out.print(message, markup=False)
+        except Exception:
+            self.handleError(record)
 
 
-def info(message: str) -> None:
-    """A line of normal output (stdout)."""
-    if not _quiet:
-        out.print(message, markup=False)
-
-
-def warn(message: str) -> None:
-    """A warning line on stderr; the run goes on."""
-    err.print(f"warning: {message}", markup=False, style="yellow")
+@contextmanager
+def terminal_logging(quiet: bool = False) -> Iterator[None]:
+    """For the length of a CLI command: the `pipeline` logger's records printed as lines (`_Lines`), from INFO
+    on; `quiet` (the ranks other than 0 of a torchrun job): from WARNING on, and no progress bar. Undone on the
+    way out. Without it (a script, a test, a notebook) Python's defaults hold: warnings on stderr, info silent."""
+    handler, level = _Lines(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 class _Rate:
@@ -55,8 +71,9 @@ class _Rate:
 
 @contextmanager
 def progress(total: int, description: str, unit: str = "it") -> Iterator[callable]:
-    """Yield ``advance(n)``; a live Rich bar with rate and ETA on a TTY, a line every ~10% otherwise."""
-    if _quiet:
+    """Yield ``advance(n)``; a live Rich bar with rate and ETA on a TTY, a line every ~10% otherwise; nothing
+    where the `pipeline` logger's info is off (a torchrun rank other than 0, a script that set no logging)."""
+    if not log.isEnabledFor(logging.INFO):
         yield lambda n=1, **fields: None
         return
     if out.is_terminal:
@@ -123,3 +140,34 @@ def caption_line(item: dict, as_json: bool = False) -> str:
         shown = {"image": item["image"], "caption": item["caption"]}
         return json.dumps(shown | {"attention": figure} if figure else shown)
     return f"{item['image']}: {item['caption']}" + (f"  (attention figure: {figure})" if figure else "")
+
+
+def extract_line(summary: dict) -> str | None:
+    """extract's closing `done:` line, from the summary it returns; None when it had nothing to do (it said so)."""
+    if summary["nothing_to_do"]:
+        return None
+    by = f" by {summary['processes']} processes" if summary["processes"] > 1 else ""
+    return (
+        f"done: {summary['images_written']} images written, {_skipped(summary)}, {summary['captions']} captions, "
+        f"{summary['bytes'] / 2**30:.2f} GiB at {summary['store']}, {summary['written_now']} this run{by} in "
+        f"{summary['seconds']:.1f}s"
+    )
+
+
+def _skipped(counts: dict) -> str:
+    """How many rows are skipped, and why, for the `done:` line."""
+    undecodable, unreadable = counts["images_skipped"], counts["images_unreadable"]
+    if not unreadable:
+        return f"{undecodable} skipped"
+    return (
+        f"{undecodable + unreadable} skipped ({undecodable} undecodable, {unreadable} unreadable: "
+        "rerun to retry the unreadable ones)"
+    )
+
+
+def print_extract_summary(summary: dict) -> None:
+    """extract's `done:` line on stdout, where info is on (rank 0 alone under torchrun: the others' summaries
+    lack `bytes`)."""
+    line = extract_line(summary) if log.isEnabledFor(logging.INFO) else None
+    if line is not None:
+        out.print(line, markup=False)

@@ -5,8 +5,8 @@ fit and extract use. Everything about torch.distributed lives here.
 or with a world of one process, it yields a `Dist` of one process and never creates a process group: every
 collective below is then a no-op that returns its input unchanged, so a single process runs exactly the code
 and the arithmetic it ran before this module existed. Under torchrun it creates the group (nccl on GPUs, gloo
-on the CPU), binds the process to the GPU of its local rank, silences info lines and progress bars on every
-rank but 0, and destroys the group on the way out.
+on the CPU), binds the process to the GPU of its local rank, and destroys the group on the way out. (Info lines
+and progress bars come from rank 0 alone: the CLI sets that up by the rank: terminal_logging, pipeline/console)
 
 Errors. A decision that only rank 0 can make (refusing an OUT that holds an earlier run, reading last.pt) is
 `decide`d there and broadcast, and a check every rank makes (opening its store) is `check`ed and agreed: in
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from pipeline import console
 from pipeline.errors import UserError, describe
 from pipeline.runtime import resolve_device
 
@@ -232,13 +231,11 @@ class Dist:
 def session(device: str = "auto") -> Iterator[Dist]:
     """This process's Dist for the length of a command. One process: resolve the device and nothing else.
     Under torchrun with several processes: one GPU per local rank (cuda:LOCAL_RANK) or the CPU, a process group
-    (nccl or gloo; an existing group, made by a script that calls fit itself, is used and left in place), and
-    info output from rank 0 only."""
+    (nccl or gloo; an existing group, made by a script that calls fit itself, is used and left in place)."""
     launch = launched()
     if launch is None or launch.world == 1:
         yield Dist(device=resolve_device(device))
         return
-    quiet = launch.rank != 0
     try:
         dev = resolve_device(device)
         if dev.type == "cuda":
@@ -250,7 +247,7 @@ def session(device: str = "auto") -> Iterator[Dist]:
             dev = torch.device("cuda", launch.local_rank)
             torch.cuda.set_device(dev)
     except UserError as e:  # the same check fails on every rank: rank 0 reports it
-        raise AgreedError(str(e), quiet) from None
+        raise AgreedError(str(e), launch.rank != 0) from None
     created = not tdist.is_initialized()
     if created:
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -261,7 +258,6 @@ def session(device: str = "auto") -> Iterator[Dist]:
         except (RuntimeError, ValueError) as e:  # rendezvous failed, a port in use, no MASTER_ADDR...
             raise UserError(f"cannot join the torchrun job (rank {launch.rank}): {describe(e)}") from None
     dist = Dist(launch.rank, launch.world, launch.local_rank, launch.local_world, dev)
-    was_quiet = console.set_quiet(quiet)
     clean = False
     try:
         yield dist
@@ -272,6 +268,5 @@ def session(device: str = "auto") -> Iterator[Dist]:
         raise
     # any other error is this rank's alone: leave at once (no barrier, no teardown); torchrun stops the others
     finally:
-        console.set_quiet(was_quiet)
         if created and clean:
             tdist.destroy_process_group()

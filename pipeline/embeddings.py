@@ -37,9 +37,10 @@ from typing import IO
 import numpy as np
 
 from pipeline.config import Word2VecConfig
-from pipeline.console import warn
 from pipeline.errors import UserError, describe
 from pipeline.vocab import END, SPECIALS, START, UNK, Vocabulary, tokenize
+
+log = logging.getLogger(__name__)
 
 INSTALL = "uv sync --extra word2vec"  # or `pip install gensim`
 __all__ = ["Word2VecConfig", "Vectors", "initial_vectors", "load_vectors", "train_captions", "train_word2vec"]
@@ -224,7 +225,9 @@ def load_vectors(path: str | Path, vocab: Vocabulary, dim: int, seed: int = 0) -
     if kv.vectors.ndim != 2 or kv.vectors.shape[1] != dim or len(kv) == 0:
         raise UserError(f"{path} holds no {dim}-dimensional vectors")
     if count is not None and _holds_more(path, fmt, count, dim):
-        warn(f"{path}: its header announces {count:,} vectors, but it holds more: only the first {count:,} are read")
+        log.warning(
+            f"{path}: its header announces {count:,} vectors, but it holds more: only the first {count:,} are read"
+        )
     lookup = _lookup(kv.key_to_index, kv.index_to_key)
     detail = f"{len(kv):,} {FORMATS[fmt]} vectors from {path} ({dim}-d, read in {time.perf_counter() - t0:.1f}s)"
     return _assemble(vocab, dim, seed, lookup, kv.vectors, str(path), detail, check=True)

@@ -4,19 +4,19 @@ On a layer3 store, layer4 runs first (the checkpoint's fine-tuned one, or the fr
 store recorded), through the same `decode_rows` as on a layer4 store.
 
 `evaluate` returns the result (the `--out` JSON's content); printing it is the caller's business
-(`cli.py` prints a table with `console.print_scores`). Everything that can be checked (the options, Java, the
-model, the store, the `--out` file) is checked before the split is decoded.
+(`cli.py` prints a table with the console module's `print_scores`). Everything that can be checked (the options,
+Java, the model, the store, the `--out` file) is checked before the split is decoded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 from pipeline import checkpoint
 from pipeline.config import EVAL_SPLITS, MAX_BEAM_SIZE, EvaluateConfig
-from pipeline.console import info
 from pipeline.data import CaptionIndex, validation_batches
 from pipeline.decode import decode_rows
 from pipeline.errors import UserError
@@ -25,6 +25,8 @@ from pipeline.loss import validation_loss
 from pipeline.metrics import java_available, java_problem, score
 from pipeline.runtime import resolve_device
 from pipeline.store import FeatureStore
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EvaluateConfig", "evaluate", "WRITTEN_BY"]
 
@@ -89,14 +91,14 @@ def _use_java(meteor: bool | None) -> bool:
     """Whether to score with Java (PTB tokenizer, METEOR), saying so when it is left out."""
     plain = "METEOR left out; BLEU, ROUGE-L and CIDEr-D use a Python tokeniser, not PTB's"
     if meteor is False:
-        info(f"--no-meteor: {plain}")
+        log.info(f"--no-meteor: {plain}")
         return False
     if java_available():
         return True
     reason = java_problem() or "no working `java` on PATH"
     if meteor:
         raise UserError(f"METEOR was asked for (--meteor) but needs Java: {reason}")
-    info(f"{reason}: {plain}")
+    log.info(f"{reason}: {plain}")
     return False
 
 

@@ -7,6 +7,7 @@ loaded: generate replaces no file but a figure it wrote itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import unicodedata
 from collections.abc import Iterator
@@ -16,13 +17,14 @@ import torch
 
 from pipeline.captioner import Captioner
 from pipeline.config import MAX_BEAM_SIZE, GenerateConfig
-from pipeline.console import warn
 from pipeline.datasets import IMAGE_SUFFIXES
 from pipeline.errors import UserError, describe
 from pipeline.figures import attention_figure, is_own_figure
 from pipeline.files import check_writable_folder, remove_stale_temps
 from pipeline.runtime import resolve_device
 from pipeline.transform import DECODE_ERRORS, open_image, resize_uint8
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GenerateConfig", "generate", "expand_images", "figure_paths"]
 
@@ -34,7 +36,7 @@ def expand_images(paths: list[Path]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                warn(f"no image files in folder {p}")
+                log.warning(f"no image files in folder {p}")
             out.extend(found)
         else:
             out.append(p)
@@ -108,7 +110,7 @@ def generate(cfg: GenerateConfig) -> Iterator[dict]:
             except (*DECODE_ERRORS, UserError) as e:
                 if single:
                     raise UserError(f"cannot read image {paths[i]}: {_reason(e)}") from None
-                warn(f"skipped {paths[i]}: {_reason(e)}")
+                log.warning(f"skipped {paths[i]}: {_reason(e)}")
                 failed += 1
         if not opened:
             continue
@@ -124,7 +126,7 @@ def generate(cfg: GenerateConfig) -> Iterator[dict]:
                     raise
             yield item
     if failed:
-        warn(f"{failed} of {len(paths)} images could not be read; {captioned} captioned")
+        log.warning(f"{failed} of {len(paths)} images could not be read; {captioned} captioned")
     if not captioned:
         raise UserError("none of the images could be read")
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import shutil
 import subprocess
 import unicodedata
 from functools import lru_cache
 
-from pipeline.console import warn
 from pipeline.errors import UserError, describe
+
+log = logging.getLogger(__name__)
 
 # pycocoevalcap's PTBTokenizer drops these tokens after tokenising
 _PUNCTUATION = {
@@ -187,7 +189,7 @@ def score(candidates: list[str], references: list[list[str]], java: bool | None 
 def _java_failed(required: bool | None, what: str, error: JavaError, consequence: str) -> None:
     if required:
         raise UserError(f"METEOR was asked for (--meteor), but Java failed to run {what}: {error}")
-    warn(f"Java failed to run {what} ({error}): {consequence}")
+    log.warning(f"Java failed to run {what} ({error}): {consequence}")
 
 
 def cider_d(candidates: list[str], references: list[list[str]]) -> float:

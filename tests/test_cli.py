@@ -27,6 +27,12 @@ from pipeline.config import (
     TrainConfig,
 )
 
+EXTRACT_SUMMARY = {
+    "store": "s.h5", "images": 5, "captions": 24, "images_written": 4, "images_skipped": 1, "images_unreadable": 0,
+    "written_now": 3, "skipped_now": 0, "unreadable_now": 0, "nothing_to_do": False, "processes": 1,
+    "seconds": 2.04, "bytes": 3 * 2**29,
+}  # fmt: skip
+
 
 @pytest.fixture
 def calls(monkeypatch):
@@ -68,7 +74,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(pipeline.evaluate, "evaluate", recorder("evaluate", evaluation))
     monkeypatch.setattr(pipeline.generate, "generate", recorder("generate", captions))
     monkeypatch.setattr(pipeline.demo, "demo", recorder("demo", {}))
-    monkeypatch.setattr(pipeline.extract, "extract", recorder("extract", {}))
+    monkeypatch.setattr(pipeline.extract, "extract", recorder("extract", EXTRACT_SUMMARY))
     monkeypatch.setattr(pipeline.serve, "serve", recorder("serve"))
     return seen
 
@@ -200,6 +206,23 @@ def test_extract_config(calls):
     assert CliRunner().invoke(app, ["extract", "--images", "imgs", "--layer", "layer5"]).exit_code == 2
     assert ExtractConfig(images=Path("imgs")).decode == "auto"
     assert CliRunner().invoke(app, ["extract", "--images", "imgs", "--decode", "nvjpeg"]).exit_code == 2
+
+
+def test_extract_prints_the_summary_it_returns(calls, monkeypatch):
+    """The library returns extract's summary; the CLI prints its `done:` line (none when there was nothing to do,
+    which the library said itself)."""
+    import pipeline.extract
+
+    done = "done: 4 images written, 1 skipped, 24 captions, 1.50 GiB at s.h5, 3 this run in 2.0s\n"
+    assert _invoke("extract", "--images", "imgs").stdout == done
+    unreadable = EXTRACT_SUMMARY | {"images_unreadable": 2, "processes": 2}
+    monkeypatch.setattr(pipeline.extract, "extract", lambda cfg: unreadable)
+    assert _invoke("extract", "--images", "imgs").stdout == (
+        "done: 4 images written, 3 skipped (1 undecodable, 2 unreadable: rerun to retry the unreadable ones), "
+        "24 captions, 1.50 GiB at s.h5, 3 this run by 2 processes in 2.0s\n"
+    )
+    monkeypatch.setattr(pipeline.extract, "extract", lambda cfg: EXTRACT_SUMMARY | {"nothing_to_do": True})
+    assert _invoke("extract", "--images", "imgs").stdout == ""
 
 
 def test_serve_config(calls):

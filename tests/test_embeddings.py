@@ -133,14 +133,16 @@ def test_a_line_with_too_few_values_names_its_line_and_word(tmp_path):
 
 @needs_gensim
 @pytest.mark.parametrize("fmt", ["binary", "text"])
-def test_a_header_that_announces_fewer_vectors_than_the_file_holds_is_a_warning(tmp_path, fmt, capsys):
+def test_a_header_that_announces_fewer_vectors_than_the_file_holds_is_a_warning(tmp_path, fmt, caplog):
     vectors = _vectors(COVERED)
     path = write_vectors(tmp_path / "v.gz", COVERED, vectors, fmt, count=3)
     result = load_vectors(path, VOCAB, DIM)
     assert result.found == 3  # what the header says is read, as gensim reads it
-    assert "its header announces 3 vectors, but it holds more: only the first 3 are read" in capsys.readouterr().err
+    warned = [r.getMessage() for r in caplog.records if r.name == "pipeline.embeddings" and r.levelname == "WARNING"]
+    assert warned == [f"{path}: its header announces 3 vectors, but it holds more: only the first 3 are read"]
+    caplog.clear()
     load_vectors(write_vectors(tmp_path / "w.bin", COVERED, vectors, fmt), VOCAB, DIM)
-    assert "warning" not in capsys.readouterr().err
+    assert not [r for r in caplog.records if r.name.startswith("pipeline")]
 
 
 @needs_gensim

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,19 @@ def test_only_public_names_that_exist_are_imported_from_pipeline(path):
         assert not attr.startswith("_"), f"{path.name} imports the private {module}.{attr}"
         exists = hasattr(importlib.import_module(module), attr) or importlib.util.find_spec(f"{module}.{attr}")
         assert exists, f"{path.name}: {module} has no {attr}"  # (find_spec: a submodule not imported yet)
+
+
+OUTPUT_CALL = re.compile(r"(?<![\w.])print\(|\bconsole\.")
+
+
+def test_the_library_prints_only_through_the_console_module():
+    """Output in pipeline/ is the CLI's renderers and the progress bar (pipeline/console.py); every other module
+    reports through `logging` (docs/architecture.md, "Output"). `grep -rn "print(\\|console\\." pipeline/`."""
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in MODULES.values()
+        if path.name != "console.py" or path.parent != PIPELINE
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if OUTPUT_CALL.search(line)
+    ]
+    assert not found, f"output outside pipeline/console.py: log it (log.info, log.warning) instead: {found}"

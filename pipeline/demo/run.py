@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -14,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DemoConfig
-from pipeline.console import caption_line, info, print_scores
+from pipeline.console import caption_line, extract_line, print_scores
 from pipeline.demo.shapes import COLOURS, PLACES, SHAPES, image_names, make_dataset, object_mask
 from pipeline.encoder import NAMED_WEIGHTS, imagenet_weights_file
 from pipeline.errors import UserError
 from pipeline.files import check_writable_folder, exclusive, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 def attention_on_object(captions: list[tuple[list[str], np.ndarray, np.ndarray]]) -> dict[str, float]:
@@ -91,9 +94,9 @@ def pick_weights(requested: str | None) -> str:
         return requested
     for name in NAMED_WEIGHTS[:1]:
         if imagenet_weights_file(name).is_file():
-            info(f"demo: using cached ImageNet weights {name}")
+            log.info(f"demo: using cached ImageNet weights {name}")
             return name
-    info("demo: ImageNet weights are not cached, so the encoder is a seeded random ResNet50 (--weights none)")
+    log.info("demo: ImageNet weights are not cached, so the encoder is a seeded random ResNet50 (--weights none)")
     return "none"
 
 
@@ -197,16 +200,16 @@ def _report_attributes(result: dict, model: Path, store: Path, truth: dict[str, 
     """How often the test captions name each attribute, next to the linear probe's ceiling, and where the
     attention goes while they name a colour or a shape."""
     probe = probe_accuracy(store, truth)
-    info(
+    log.info(
         "\nhow often a test caption names the right attribute, next to the ceiling: what a linear classifier reads "
         "from the same features (chance = a random guess):"
     )
     for attr, (acc, chance) in attribute_accuracy(result["captions"], truth).items():
-        info(f"  {attr:7s} captions {acc:6.1%}   linear probe {probe[attr]:6.1%}   chance {chance:6.1%}")
+        log.info(f"  {attr:7s} captions {acc:6.1%}   linear probe {probe[attr]:6.1%}   chance {chance:6.1%}")
     att = object_attention(model, store, truth)
-    info("attention on the object while a test caption names a colour or a shape (1x = spread evenly):")
+    log.info("attention on the object while a test caption names a colour or a shape (1x = spread evenly):")
     for kind in ("colour", "shape"):
-        info(
+        log.info(
             f"  {kind:7s} {att[f'{kind}_mass']:6.1%} of the attention on an object covering "
             f"{att[f'{kind}_share']:5.1%} of the image: {att[f'{kind}_ratio']:.1f}x its share"
         )
@@ -221,11 +224,12 @@ def _run(cfg: DemoConfig) -> dict:
 
     start = time.perf_counter()
     captions = make_dataset(cfg.out, cfg.images, cfg.size, cfg.seed)
-    info(f"demo: drew {cfg.images} captioned images under {cfg.out}")
+    log.info(f"demo: drew {cfg.images} captioned images under {cfg.out}")
     weights = pick_weights(cfg.weights)
     store = cfg.out / "features.h5"
     layer = "layer3" if cfg.finetune else "layer4"  # fine-tuning layer4 trains from its input, layer3
-    extract(ExtractConfig(images=cfg.out, captions=captions, store=store, weights=weights, device="cpu", layer=layer))
+    x = ExtractConfig(images=cfg.out, captions=captions, store=store, weights=weights, device="cpu", layer=layer)
+    log.info(extract_line(extract(x)))  # the CLI's `done:` line (a new store: never None)
     fit(
         TrainConfig(
             store=str(store),
@@ -249,16 +253,16 @@ def _run(cfg: DemoConfig) -> dict:
     _report_attributes(
         result, cfg.out / "model.pt", store, {f"{e['filepath']}/{e['filename']}": e["attributes"] for e in data}
     )
-    info("\ncaptions of test images next to one of their references:")
+    log.info("\ncaptions of test images next to one of their references:")
     for c in result["captions"][:6]:
-        info(f"  {c['image']}: {c['caption']!r}   (reference: {c['references'][0]!r})")
+        log.info(f"  {c['image']}: {c['caption']!r}   (reference: {c['references'][0]!r})")
     first = cfg.out / result["captions"][0]["image"]
-    info("\ngenerate on one test image, with its attention figure:")
+    log.info("\ngenerate on one test image, with its attention figure:")
     for item in generate(
         GenerateConfig(images=[first], model=cfg.out / "model.pt", attention=cfg.out / "attention.png", device="cpu")
     ):
-        info(caption_line(item))
-    info(
+        log.info(caption_line(item))
+    log.info(
         f"demo done in {time.perf_counter() - start:.0f}s: figure at {cfg.out / 'attention.png'}, "
         f"curves at {cfg.out / 'curves.png'}, scores at {cfg.out / 'scores.json'}"
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import multiprocessing
 import os
 import re
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.console import progress, warn
+from pipeline.console import progress
 from pipeline.datasets import CaptionSet
 from pipeline.encoder import encode
 from pipeline.errors import UserError, describe
@@ -29,6 +30,8 @@ from pipeline.extract.jpegs import DeviceDecoder, ImageBytes, collate
 from pipeline.runtime import autocast, default_workers
 from pipeline.store import DTYPES, SKIPPED, UNREADABLE, WRITTEN, Writer
 from pipeline.transform import DECODE_ERRORS, TransformConfig, is_read_error, load_uint8, normalize
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -209,6 +212,6 @@ def printable(text: str) -> str:
 
 def _warn_skipped(name: str, status: int, reason: str) -> None:
     if status == UNREADABLE:
-        warn(f"skipped {printable(name)} for now: cannot read it ({printable(reason)}); the next run retries it")
+        log.warning(f"skipped {printable(name)} for now: cannot read it ({printable(reason)}); the next run retries it")
     else:
-        warn(f"skipped {printable(name)}: cannot decode it ({printable(reason)})")
+        log.warning(f"skipped {printable(name)}: cannot decode it ({printable(reason)})")

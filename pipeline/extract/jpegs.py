@@ -10,6 +10,7 @@ of the 12,421 it can take (BENCHMARKS.md); reading bytes costs the workers next 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -17,12 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.console import info, warn
 from pipeline.errors import UserError
 from pipeline.extract.config import DECODE_MODES
 from pipeline.jpeg import decode, device_decodable, device_problem
 from pipeline.store import WRITTEN
 from pipeline.transform import TransformConfig, resize_uint8
+
+log = logging.getLogger(__name__)
 
 # Pixels (H x W) resized in one call, at most: a batch of same-sized photos is resized as one tensor, in
 # slices of this many pixels (float32, 3 channels: 400 MB) so that a batch of large photos stays small.
@@ -46,7 +48,7 @@ def decode_device(mode: str, device: torch.device) -> torch.device | None:
         return device
     if mode == "gpu":
         raise UserError(f"--decode gpu: torchvision cannot decode JPEGs on {device} ({problem}); use --decode cpu")
-    warn(f"decoding JPEGs with Pillow: torchvision cannot decode them on {device} ({problem})")
+    log.warning(f"decoding JPEGs with Pillow: torchvision cannot decode them on {device} ({problem})")
     return None
 
 
@@ -60,7 +62,7 @@ def decoder_name(decode_on: torch.device | None) -> str:
 def announce(decode_on: torch.device | None, workers: int) -> None:
     if decode_on is not None:
         readers = f"{workers} worker processes" if workers else "this process"
-        info(f"decoding JPEGs on {decode_on} ({decoder_name(decode_on)}); files read by {readers}")
+        log.info(f"decoding JPEGs on {decode_on} ({decoder_name(decode_on)}); files read by {readers}")
 
 
 class ImageBytes(torch.utils.data.Dataset):
@@ -130,7 +132,7 @@ class DeviceDecoder:
             raise  # extract's "out of memory ... --batch-size" error
         except (RuntimeError, ValueError) as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            warn(f"{len(batch.jpegs)} JPEGs failed to decode on {self.device} ({reason}): Pillow decodes them")
+            log.warning(f"{len(batch.jpegs)} JPEGs failed to decode on {self.device} ({reason}): Pillow decodes them")
             return batch.rows, self._with_pillow(batch), batch.status, batch.reasons
         self.decoded += len(batch.jpegs)
         size = self.transform.size

@@ -5,12 +5,12 @@ the store (`lock_store`, `prepare_store`)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.console import info
 from pipeline.datasets import SPLITS, CaptionSet
 from pipeline.encoder import ENCODER_NAMES
 from pipeline.errors import UserError
@@ -32,6 +32,8 @@ from pipeline.store import (
     read_strings,
     row_bytes,
 )
+
+log = logging.getLogger(__name__)
 
 OLD_PARTIAL_SUFFIX = ".partial"  # where versions before the lock built a new store
 
@@ -72,17 +74,6 @@ def check_written(images: Path, counts: dict) -> None:
     if counts["images_written"] == 0:
         what = "read or decoded" if counts["images_unreadable"] else "decoded"
         raise UserError(f"no image under {images} could be {what}; nothing was extracted")
-
-
-def skipped_text(counts: dict) -> str:
-    """How many rows are skipped, and why, for the summary line."""
-    undecodable, unreadable = counts["images_skipped"], counts["images_unreadable"]
-    if not unreadable:
-        return f"{undecodable} skipped"
-    return (
-        f"{undecodable + unreadable} skipped ({undecodable} undecodable, {unreadable} unreadable: "
-        "rerun to retry the unreadable ones)"
-    )
 
 
 def store_counts(attrs: dict | None) -> dict:
@@ -133,7 +124,7 @@ def prepare_store(cfg: ExtractConfig, captions: CaptionSet, prov: dict, old: dic
         if not cfg.overwrite:
             return _resume_or_rebuild(path, captions, prov)
         _check_no_reader(path)
-        info(f"--overwrite: replacing {path}")
+        log.info(f"--overwrite: replacing {path}")
     _check_space(path, n * bytes_per_row, reclaimed=_allocated(path) if old is not None else 0)
     create(path, captions, prov)
     return np.arange(n)
@@ -161,10 +152,10 @@ def _resume(path: Path, status: np.ndarray, prov: dict) -> np.ndarray | None:
     done, pending = int((status == WRITTEN).sum()), int((status == PENDING).sum())
     if not len(todo):
         skipped = int((status == SKIPPED).sum())
-        info(f"{path} is already complete ({done} images written, {skipped} skipped): nothing to do")
+        log.info(f"{path} is already complete ({done} images written, {skipped} skipped): nothing to do")
         return None
     retry = f", {len(todo) - pending} unreadable ones to retry" if len(todo) > pending else ""
-    info(f"resuming {path}: {done} of {len(status)} images written, {pending} to go{retry}")
+    log.info(f"resuming {path}: {done} of {len(status)} images written, {pending} to go{retry}")
     _check_no_reader(path)
     holes = max(path.stat().st_size - _allocated(path), 0)
     _check_space(path, min(holes, len(todo) * row_bytes(prov["dtype"], prov["layer"])))
@@ -183,9 +174,9 @@ def _rebuild(path: Path, captions: CaptionSet, prov: dict, names: list[str], sta
     carry = Carry(path, old_rows[keep], new_rows[keep], status[old_rows[keep]])
     kept = len(pairs)
     if kept == len(names) == len(captions):
-        info(f"the captions or splits changed since {path} was made: rebuilding it with the current ones")
+        log.info(f"the captions or splits changed since {path} was made: rebuilding it with the current ones")
     else:
-        info(
+        log.info(
             f"the images changed since {path} was made: {kept} images kept, {len(names) - kept} removed, "
             f"{len(captions) - kept} added; rebuilding it around the {int(keep.sum())} finished ones"
         )

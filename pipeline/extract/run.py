@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.console import info, warn
 from pipeline.datasets import CaptionSet, read_captions
 from pipeline.distributed import Dist, session
 from pipeline.encoder import build_encoder
@@ -19,19 +19,22 @@ from pipeline.errors import UserError
 from pipeline.extract.config import EncoderFactory, ExtractConfig, provenance
 from pipeline.extract.encode import extract_rows
 from pipeline.extract.jpegs import announce, decode_device, decoder_name
-from pipeline.extract.plan import check_options, check_written, lock_store, prepare_store, skipped_text, store_counts
+from pipeline.extract.plan import check_options, check_written, lock_store, prepare_store, store_counts
 from pipeline.extract.shared import writer_for
 from pipeline.runtime import default_workers
+
+log = logging.getLogger(__name__)
 
 
 def extract(
     cfg: ExtractConfig, encoder_factory: EncoderFactory = build_encoder, jpeg_device: str | None = None
 ) -> dict:
     """Fill the store for every captioned, decodable image; resumable. Returns the run's summary (under
-    torchrun the same on every rank, but `bytes`: rank 0's). `encoder_factory(weights, layer)` builds the
-    trunk and its provenance (pipeline.encoder.build_encoder; tests pass a cheap stand-in). `jpeg_device`:
-    decode plain JPEGs batched on this device whatever cfg.decode says (tests run the GPU path's code with
-    "cpu"); None: as cfg.decode and the device decide (jpegs.decode_device)."""
+    torchrun the same on every rank, but `bytes`: rank 0's), which the console module's `extract_line` renders
+    as the `done:` line (`nothing_to_do`: the store was complete already, as extract said).
+    `encoder_factory(weights, layer)` builds the trunk and its provenance (pipeline.encoder.build_encoder; tests
+    pass a cheap stand-in). `jpeg_device`: decode plain JPEGs batched on this device whatever cfg.decode says
+    (tests run the GPU path's code with "cpu"); None: as cfg.decode and the device decide (jpegs.decode_device)."""
     start = time.perf_counter()
     images, path = Path(cfg.images), Path(cfg.store)
     with session(cfg.device) as dist:
@@ -52,28 +55,29 @@ def extract(
             rows = dist.decide(lambda: prepare_store(cfg, captions, prov, old))
             if rows is None:
                 zero = {"written_now": 0, "skipped_now": 0, "unreadable_now": 0, "device_decoded_now": 0}
+                zero["nothing_to_do"] = True
                 return summary | store_counts(old) | zero | {"seconds": time.perf_counter() - start}
             open_writer = writer_for(dist, path, rows)
             mine = dist.part(rows)
             if dist.enabled:
-                info(f"extract: {len(rows)} images over {dist.world} processes ({len(mine)} on rank 0)")
+                log.info(f"extract: {len(rows)} images over {dist.world} processes ({len(mine)} on rank 0)")
             run_cfg = _workers(cfg, dist)
             if dist.is_main:
                 announce(decode_on, run_cfg.workers or 0)
             counts, now = extract_rows(run_cfg, trunk, dist.device, captions, mine, open_writer, decode_on)
             now = dict(zip(now, (int(v) for v in dist.sum(*now.values())), strict=True))
         dist.check(lambda: check_written(images, counts))  # the same counts on every rank: rank 0 reports
-        return summary | counts | now | _report(dist, path, summary, counts, now, time.perf_counter() - start)
+        return summary | counts | now | _report(dist, path, time.perf_counter() - start)
 
 
 def _read_captions(cfg: ExtractConfig, images: Path, dist: Dist) -> CaptionSet:
     """Every rank reads the captions (it needs the image names of its share); rank 0 reports on them."""
     captions = read_captions(images, cfg.captions)
     if dist.is_main:
-        info(f"captions: {captions.source} ({captions.layout}), {len(captions)} images on disk")
+        log.info(f"captions: {captions.source} ({captions.layout}), {len(captions)} images on disk")
         for reason, count in sorted(captions.problems.items()):
             if count:
-                warn(f"{count} {reason}")
+                log.warning(f"{count} {reason}")
     if not captions.images:
         raise UserError(f"none of the captioned images were found under {images}")
     return captions
@@ -86,12 +90,7 @@ def _workers(cfg: ExtractConfig, dist: Dist) -> ExtractConfig:
     return dataclasses.replace(cfg, workers=default_workers(dist.local_world))
 
 
-def _report(dist: Dist, path: Path, summary: dict, counts: dict, now: dict, seconds: float) -> dict:
-    """The `done:` line; returns the summary's timing and (rank 0's) size."""
-    size = path.stat().st_size if dist.is_main else 0
-    by = f" by {dist.world} processes" if dist.enabled else ""
-    info(
-        f"done: {counts['images_written']} images written, {skipped_text(counts)}, {summary['captions']} captions, "
-        f"{size / 2**30:.2f} GiB at {path}, {now['written_now']} this run{by} in {seconds:.1f}s"
-    )
-    return {"seconds": seconds} | ({"bytes": size} if dist.is_main else {})
+def _report(dist: Dist, path: Path, seconds: float) -> dict:
+    """The summary's timing, processes and (rank 0's) size: what the `done:` line says (extract_line)."""
+    size = {"bytes": path.stat().st_size} if dist.is_main else {}
+    return {"nothing_to_do": False, "processes": dist.world, "seconds": seconds} | size

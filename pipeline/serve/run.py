@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 
 from pipeline.captioner import Captioner
 from pipeline.config import ServeConfig
-from pipeline.console import info
 from pipeline.errors import UserError, describe
 from pipeline.runtime import resolve_device
 from pipeline.serve.app import create_app
+
+log = logging.getLogger(__name__)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -51,9 +53,9 @@ def serve(cfg: ServeConfig) -> None:
         port = sock.getsockname()[1]
         shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
         shown = f"[{shown}]" if ":" in shown else shown
-        info(f"serving {cfg.model} on {device.type}: open http://{shown}:{port}/ (Ctrl-C stops)")
+        log.info(f"serving {cfg.model} on {device.type}: open http://{shown}:{port}/ (Ctrl-C stops)")
         if cfg.host in ("0.0.0.0", "::", ""):
-            info("listening on every network interface: anyone who can reach this machine can caption with it")
+            log.info("listening on every network interface: anyone who can reach this machine can caption with it")
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
         server.run(sockets=[sock])
     finally:

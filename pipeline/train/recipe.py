@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import math
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.console import info, progress, warn
+from pipeline.console import progress
 from pipeline.data import Batches
 from pipeline.distributed import Dist, session
 from pipeline.errors import UserError
@@ -34,6 +35,8 @@ from pipeline.train.setup import (
 from pipeline.train.state import TrainingData, TrainingState
 from pipeline.train.step import train_step, warmed_up
 from pipeline.train.validation import validate, validation_set
+
+log = logging.getLogger(__name__)
 
 
 def train_epoch(
@@ -106,9 +109,9 @@ def fit(cfg: TrainConfig) -> dict:
             if dist.is_main:
                 complete_files(ckpt, state.best, files)
             if state.epoch >= cfg.epochs:
-                info(f"{files.last} already has {state.epoch} epochs (asked for {cfg.epochs}): nothing to do")
+                log.info(f"{files.last} already has {state.epoch} epochs (asked for {cfg.epochs}): nothing to do")
                 return {}
-            info(f"resuming from {files.last} after epoch {state.epoch}")
+            log.info(f"resuming from {files.last} after epoch {state.epoch}")
         if dist.is_main:
             files.out.mkdir(parents=True, exist_ok=True)
         return run_epochs(state, data, cfg, files, dist)
@@ -146,7 +149,7 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
     if cfg.compile:
         compile_cell(state.model.decoder)
     phases = Phases(state.model, data, cfg, dist, state.epoch)
-    info(
+    log.info(
         f"fit: {len(data.train_rows)} train / {len(data.val_rows)} val images, vocabulary {len(data.vocab)}, "
         f"{count_parameters(state.model, trainable=True) / 1e6:.1f}M parameters trained, device {device}"
         + (", features resident on the GPU" if train.resident is not None else "")
@@ -154,9 +157,11 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
     )
     encoder_note(cfg, data.store)
     if cfg.scst_after is not None and cfg.scst_after < cfg.epochs and val.metric != "val_cider_d":
-        warn(_SCST_BY_LOSS)
+        log.warning(_SCST_BY_LOSS)
     if val.metric == "neg_train_loss":
-        info(f"{data.store.path} has no validation images: model.pt will be the epoch with the lowest training loss")
+        log.info(
+            f"{data.store.path} has no validation images: model.pt will be the epoch with the lowest training loss"
+        )
     record: dict = {}
     curves = Curves(files.curves)
     try:
@@ -175,9 +180,9 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
             is_best = state.end_epoch(record, val.metric)
             if dist.is_main:
                 save_epoch(files, state, data, cfg, is_best, curves)
-                info(_epoch_line(record, is_best, val.sample_name))
+                log.info(_epoch_line(record, is_best, val.sample_name))
                 if record["phase"] == "scst" and collapsing(state.records):
-                    warn(_collapse_line(state))
+                    log.warning(_collapse_line(state))
     finally:
         curves.close()
     return record
@@ -212,7 +217,7 @@ class Phases:
             return CaptionTraining(self.model, self.cfg.attention_penalty)
         if self.rewards is None:
             self.rewards = Rewards(self.data.vocab, self.data.captions, self.data.train_rows)
-            info(f"self-critical training (CIDEr-D rewards, {self.cfg.scst_baseline} baseline) from this epoch on")
+            log.info(f"self-critical training (CIDEr-D rewards, {self.cfg.scst_baseline} baseline) from this epoch on")
         return SelfCriticalTraining(self.model, self.rewards, self.cfg.scst_baseline, max_steps=self.cfg.max_len - 1)
 
     def train(self, epoch: int, optimizer: torch.optim.Optimizer, batches: Batches) -> dict:
@@ -248,12 +253,12 @@ def encoder_note(cfg: TrainConfig, store: FeatureStore) -> None:
     if store.layer == "layer4":
         return
     if cfg.finetune is None:
-        info(
+        log.info(
             f"{store.path} holds layer3 features and --finetune is not given: layer4 runs frozen on every batch, "
             "which is slower than training from a layer4 store (`extract --layer layer4`)"
         )
     elif cfg.finetune_after > 0:
-        info(f"fine-tuning layer4 from epoch {cfg.finetune_after + 1} (the decoder alone before)")
+        log.info(f"fine-tuning layer4 from epoch {cfg.finetune_after + 1} (the decoder alone before)")
 
 
 def _epoch_line(record: dict, is_best: bool, sample_name: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,11 +19,12 @@ from pathlib import Path
 
 from pipeline import checkpoint
 from pipeline.config import TrainConfig
-from pipeline.console import warn
 from pipeline.errors import UserError
 from pipeline.figures import training_curves
 from pipeline.files import check_writable_folder, exclusive, remove_stale_temps, write_text_atomic
 from pipeline.train.state import Best, TrainingData, TrainingState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,7 @@ def read_history(path: Path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
         elif line.strip():
-            warn(f"{path}: dropped an unreadable line")
+            log.warning(f"{path}: dropped an unreadable line")
     return records
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,6 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.config import TrainConfig, Word2VecConfig
-from pipeline.console import info
 from pipeline.data import Batches, CaptionIndex, FeatureStats, feature_stats
 from pipeline.encoder import build_recorded, split_resnet50
 from pipeline.errors import UserError, describe
@@ -21,6 +21,8 @@ from pipeline.store import FeatureStore, layer_of
 from pipeline.train.run_folder import RunFiles, resumed_history
 from pipeline.train.state import RESUMED_KEYS, SCST_KEYS, Best, TrainingData, TrainingState
 from pipeline.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
 
 
 def check_finetune(cfg: TrainConfig, store: FeatureStore) -> None:
@@ -173,7 +175,7 @@ def start(cfg: TrainConfig, data: TrainingData, device: torch.device) -> Trainin
         captions = [t for caps in data.captions.references(data.train_rows) for t in caps]
         decoder = model.decoder
         vectors = initial_vectors(cfg.embeddings, data.vocab, captions, decoder.cfg.embed_dim, cfg.seed, cfg.word2vec)
-        info(vectors.summary())
+        log.info(vectors.summary())
         with torch.no_grad():
             decoder.embedding.weight.copy_(torch.from_numpy(vectors.matrix))
     freeze_embeddings(model.decoder, cfg)
@@ -225,5 +227,5 @@ def fits_on_gpu(cfg: TrainConfig, batches: Batches, device: torch.device) -> boo
     free, _ = torch.cuda.mem_get_info(device)
     if cfg.resident == "yes" or need < 0.6 * free:
         return True
-    info(f"training features ({need / 2**30:.1f} GiB) do not fit on the GPU: reading them from the memory map")
+    log.info(f"training features ({need / 2**30:.1f} GiB) do not fit on the GPU: reading them from the memory map")
     return False
