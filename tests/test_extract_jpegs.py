@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from pipeline.console import terminal_logging
 from pipeline.extract import ExtractConfig, extract
 from pipeline.jpeg import device_decodable
 from pipeline.store import SKIPPED, WRITTEN, FeatureStore
@@ -62,7 +63,9 @@ def run_both(folder: Path, tmp: Path, capsys, resnet: bool, **kwargs) -> dict:
         cfg = ExtractConfig(
             images=folder, store=tmp / f"{name}.h5", weights="none", device="cpu", dtype="float32", **kwargs
         )
-        out[name] = extract(cfg, **factory, jpeg_device=jpeg_device), capsys.readouterr()
+        with terminal_logging():  # what the CLI prints
+            summary = extract(cfg, **factory, jpeg_device=jpeg_device)
+        out[name] = summary, capsys.readouterr()
     return out
 
 
