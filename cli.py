@@ -258,7 +258,7 @@ def _typed(ctx: typer.Context, name: str) -> bool:
 
 
 def _train_config(ctx: typer.Context) -> T:
-    """fit's options as its TrainConfig: each option sets the field of its name (tests/test_cli.py checks that
+    """fit's options as its TrainConfig: each option sets the field of its name (tests/cli/test_cli.py checks that
     they match), a choice as its value, a path as a string; `typed`: the options the user gave, since with
     --resume last.pt decides most of them, and a typed one must agree with it."""
     values = {k: v.value if isinstance(v, Enum) else v for k, v in ctx.params.items()}

@@ -4,7 +4,7 @@ through `pipeline.train.fit` itself. It replaces `benchmarks/compile_ab.py`.
 640 Flickr30k train images (their captions, random float16 features; 576 train, 64 val), the report's
 decoder, batch 32, 3 epochs each; each epoch's training seconds and train loss, from fit's metrics.jsonl. The
 first compiled epoch includes the compilation. `--quick`: 64 images, one eager epoch; the compiled run is skipped
-there (compiling takes tens of seconds on a CPU; tests/test_fit.py checks the compiled path).
+there (compiling takes tens of seconds on a CPU; tests/train/test_fit.py checks the compiled path).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 every default declared once.
 
 `cli.py` takes its option defaults from these classes, so a default is written in one place only
-(tests/test_cli.py fails on a drift). This module imports neither torch, numpy nor typer: `cli.py --help`
+(tests/cli/test_cli.py fails on a drift). This module imports neither torch, numpy nor typer: `cli.py --help`
 stays fast (importing torch takes seconds). `pipeline.extract.ExtractConfig`, `pipeline.train.TrainConfig`,
 `pipeline.serve.ServeConfig`, ... are these same classes.
 """

@@ -167,3 +167,9 @@ def cli_subprocess(subprocess_env):
 def real_data():
     """`real_data("flickr8k", "Flickr8k.token.txt")`: a path under ../shared/data, or skip the test."""
     return shared_data
+
+
+# The safety tests' fixtures `store`, `trained` and `photos` (tests/helpers_safety.py), shared by
+# tests/train/test_fit_safety.py and tests/cli/test_evaluate_generate_safety.py. Module-scoped ones are built once
+# per module that asks; a module's own fixture of the same name (test_fit.py's `store`) takes precedence.
+from helpers_safety import photos, store, trained  # noqa: E402, F401

@@ -1,6 +1,6 @@
 """A second captioned picture set, unlike the demo's: other shapes, colours, places, backgrounds and sentence
 templates. It checks that what fit learns on the demo is not tuned to the demo's generator
-(tests/test_quality.py, and the `hidden` rows of BENCHMARKS.md's quality table)."""
+(tests/train/test_quality.py, and the `hidden` rows of BENCHMARKS.md's quality table)."""
 
 from __future__ import annotations
 

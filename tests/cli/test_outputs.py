@@ -19,7 +19,7 @@ from pipeline.demo import DemoConfig, demo, make_dataset
 from pipeline.extract import ExtractConfig, extract
 from pipeline.train import TrainConfig, fit
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
+PHOTOS = Path(__file__).resolve().parents[3] / "shared" / "data" / "photos"
 runner = CliRunner()
 
 

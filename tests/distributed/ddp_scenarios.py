@@ -1,7 +1,7 @@
-"""Run under torchrun by tests/test_distributed.py: several commands in one job, so that the suite pays for
+"""Run under torchrun by tests/distributed/test_distributed.py: several commands in one job, so that the suite pays for
 one job's start-up (about ten seconds of imports on 2 cores) instead of one per case.
 
-    torchrun --standalone --nproc-per-node 2 tests/ddp_scenarios.py PLAN.json RESULT.json
+    torchrun --standalone --nproc-per-node 2 tests/distributed/ddp_scenarios.py PLAN.json RESULT.json
 
 PLAN.json: {"commands": [{"name": ..., "args": [cli args], "before": {"copy": [SRC, DST]}}, ...]}. The script
 makes the process group itself (gloo): `pipeline.distributed.session` then uses it and leaves it in place,
@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.files import atomic_write, check_writable_folder, exclusive, remove_stale_temps, write_text_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_atomic_write_replaces_only_when_complete(tmp_path):

@@ -179,7 +179,7 @@ def check():  # registered first, so it runs after pipeline.data's own exit hand
     alive = [t.name for t in threading.enumerate() if t.name == "batches-prefetch"]
     print("alive:", alive, flush=True)
 atexit.register(check)
-sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+sys.path[:0] = [{str(ROOT)!r}, {str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
 from test_fit import _batches
 from helpers_store import make_store
 import pathlib

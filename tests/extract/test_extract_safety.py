@@ -33,7 +33,7 @@ from pipeline import store as feature_store
 from pipeline.errors import UserError
 from pipeline.store import PENDING, SKIPPED, UNREADABLE, WRITTEN, FeatureStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sha256(path: Path) -> str:

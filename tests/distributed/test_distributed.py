@@ -1,7 +1,7 @@
 """fit and extract under torchrun (CPU, gloo, 2 processes), and the single process left as it was.
 
 Each torchrun job spends most of its time importing torch in every process, so the cases share one job of
-tests/ddp_scenarios.py, which runs several CLI commands in turn (a fit, resumes across process counts, a
+tests/distributed/ddp_scenarios.py, which runs several CLI commands in turn (a fit, resumes across process counts, a
 refusal, extract fresh and resumed) and the collectives; the dead-rank case runs `torchrun cli.py fit` itself,
 the real entry point. The rendezvous is `--standalone` (a free localhost port): parallel runs never collide.
 """
@@ -217,7 +217,7 @@ def layer3_store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scenarios(store20, layer3_store, images7, extracted1, env, tmp_path_factory):
-    """Run tests/ddp_scenarios.py under torchrun, 2 processes. Returns (results, folders)."""
+    """Run tests/distributed/ddp_scenarios.py under torchrun, 2 processes. Returns (results, folders)."""
     base = tmp_path_factory.mktemp("scenarios")
     names = ("ddp_fit", "ddp_finetune", "whole", "split", "split_copy", "single", "partial.h5", "fresh.h5", "scst")
     d = {name: base / name for name in names}
@@ -252,7 +252,7 @@ def scenarios(store20, layer3_store, images7, extracted1, env, tmp_path_factory)
         ]
     }
     (base / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
-    proc = _torchrun(env, "tests/ddp_scenarios.py", str(base / "plan.json"), str(base / "result.json"))
+    proc = _torchrun(env, "tests/distributed/ddp_scenarios.py", str(base / "plan.json"), str(base / "result.json"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads((base / "result.json").read_text(encoding="utf-8")), d
 

@@ -18,7 +18,7 @@ from pipeline.datasets import SPLITS, hash_split
 from pipeline.store import FORMAT_VERSION, SKIPPED, WRITTEN, FeatureStore
 from pipeline.transform import IMAGENET_MEAN, IMAGENET_STD, load_uint8, normalize
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
