@@ -252,9 +252,7 @@ def session(device: str = "auto") -> Iterator[Dist]:
     if created:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         try:
-            tdist.init_process_group(
-                backend, timeout=timeout(), device_id=dev if dev.type == "cuda" else None
-            )
+            tdist.init_process_group(backend, timeout=timeout(), device_id=dev if dev.type == "cuda" else None)
         except (RuntimeError, ValueError) as e:  # rendezvous failed, a port in use, no MASTER_ADDR...
             raise UserError(f"cannot join the torchrun job (rank {launch.rank}): {describe(e)}") from None
     dist = Dist(launch.rank, launch.world, launch.local_rank, launch.local_world, dev)

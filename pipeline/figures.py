@@ -110,8 +110,15 @@ def training_curves(records: list[dict], path: Path) -> Path:
     cider_ax.plot(*series("val_cider_d"), marker=".", color="tab:green")
     cider_ax.set(title="validation CIDEr-D", xlabel="epoch")
     if not series("val_cider_d")[0]:
-        cider_ax.text(0.5, 0.5, "not decoded\n(--val-decode-images 0)", ha="center", va="center",
-                      transform=cider_ax.transAxes, color="grey")
+        cider_ax.text(
+            0.5,
+            0.5,
+            "not decoded\n(--val-decode-images 0)",
+            ha="center",
+            va="center",
+            transform=cider_ax.transAxes,
+            color="grey",
+        )
     epochs, speed = series("samples_per_second")
     speed_ax.plot(epochs, speed, marker=".", color="tab:purple")
     speed_ax.set(title="training samples/s", xlabel="epoch")

@@ -27,8 +27,10 @@ def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, or skip the test when it is not there."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"needs the real data of ../shared/data, which is not next to this checkout (a fresh clone has "
-                    f"none): {path} is absent")
+        pytest.skip(
+            f"needs the real data of ../shared/data, which is not next to this checkout (a fresh clone has "
+            f"none): {path} is absent"
+        )
     return path
 
 

@@ -60,8 +60,6 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-
-
 @pytest.fixture(scope="module")
 def env(subprocess_env) -> dict:
     """A torchrun environment: one thread a process (torchrun's own default, without its warning)."""
@@ -221,8 +219,21 @@ def scenarios(store20, layer3_store, images7, extracted1, env, tmp_path_factory)
     base = tmp_path_factory.mktemp("scenarios")
     names = ("ddp_fit", "ddp_finetune", "whole", "split", "split_copy", "single", "partial.h5", "fresh.h5", "scst")
     d = {name: base / name for name in names}
-    fit(TrainConfig(store=str(store20.path), out=str(d["single"]), epochs=1, batch_size=4, lr=0.01, device="cpu",
-                    min_word_count=1, val_decode_images=3, decoder="tiny", dropout=0.3, captions_per_image=2))
+    fit(
+        TrainConfig(
+            store=str(store20.path),
+            out=str(d["single"]),
+            epochs=1,
+            batch_size=4,
+            lr=0.01,
+            device="cpu",
+            min_word_count=1,
+            val_decode_images=3,
+            decoder="tiny",
+            dropout=0.3,
+            captions_per_image=2,
+        )
+    )
     shutil.copyfile(extracted1, d["partial.h5"])
     with h5py.File(d["partial.h5"], "r+") as f:  # as if a run had been killed before these rows were done
         status = f["status"][:]
@@ -231,17 +242,45 @@ def scenarios(store20, layer3_store, images7, extracted1, env, tmp_path_factory)
         f["features"][4:6] = 0
         f.attrs["complete"] = False
     commands = [
-        ("ddp_fit", _fit_args(store20.path, d["ddp_fit"], "--batch-size", "4", "--epochs", "2",
-                              "--val-decode-images", "3")),  # fmt: skip
-        ("ddp_finetune", _fit_args(layer3_store.path, d["ddp_finetune"], "--finetune", "layer4", "--batch-size", "4",
-                                   "--epochs", "1", "--val-decode-images", "3")),  # fmt: skip
+        (
+            "ddp_fit",
+            _fit_args(store20.path, d["ddp_fit"], "--batch-size", "4", "--epochs", "2", "--val-decode-images", "3"),
+        ),  # fmt: skip
+        (
+            "ddp_finetune",
+            _fit_args(
+                layer3_store.path,
+                d["ddp_finetune"],
+                "--finetune",
+                "layer4",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "1",
+                "--val-decode-images",
+                "3",
+            ),
+        ),  # fmt: skip
         ("whole", _fit_args(store20.path, d["whole"], "--batch-size", "4", "--epochs", "2", *RESUMED)),
         ("split_1", _fit_args(store20.path, d["split"], "--batch-size", "4", "--epochs", "1", *RESUMED)),
         ("split_2", _fit_args(store20.path, d["split"], "--epochs", "2", "--resume"), [d["split"], d["split_copy"]]),
         ("single_then_2", _fit_args(store20.path, d["single"], "--epochs", "2", "--resume")),
         ("refused", _fit_args(store20.path, d["whole"], "--epochs", "3")),
-        ("scst", _fit_args(store20.path, d["scst"], "--batch-size", "4", "--epochs", "2", "--scst-after", "1",
-                           "--val-decode-images", "3")),  # fmt: skip
+        (
+            "scst",
+            _fit_args(
+                store20.path,
+                d["scst"],
+                "--batch-size",
+                "4",
+                "--epochs",
+                "2",
+                "--scst-after",
+                "1",
+                "--val-decode-images",
+                "3",
+            ),
+        ),  # fmt: skip
         ("extract_fresh", _extract_args(images7, d["fresh.h5"])),
         ("extract_resume", _extract_args(images7, d["partial.h5"])),
     ]
@@ -455,8 +494,15 @@ def _children_with_rank(parent: int, rank: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
 def test_a_dead_rank_takes_the_job_down_and_resume_continues(store20, env, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "cli.py",
-           *_fit_args(store20.path, out, "--batch-size", "4", "--epochs", "500", "--val-decode-images", "0")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "cli.py",
+        *_fit_args(store20.path, out, "--batch-size", "4", "--epochs", "500", "--val-decode-images", "0"),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180

@@ -153,8 +153,6 @@ def test_scst_raises_validation_cider_over_its_cross_entropy_start(tmp_path):
     assert _load(out / "model.pt")["epoch"] == _load(out / "last.pt")["best"]["epoch"] > 5
 
 
-
-
 def test_resume_in_the_scst_phase_is_exact(store20, tmp_path, baseline="mean"):
     """--epochs 4 --scst-after 2 == --epochs 3 --scst-after 2, then --resume --epochs 4 (the schedule from
     last.pt when not given again)."""
