@@ -9,6 +9,7 @@ import logging
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from pipeline.datasets import SPLITS, CaptionSet
@@ -87,14 +88,29 @@ def store_counts(attrs: dict | None) -> dict:
 
 def remove_leftovers(path: Path) -> None:
     """Temp files of a run that was killed while it built a store (we hold the lock: nobody else is), and
-    the `NAME.partial` file that earlier versions built, when it is one (an HDF5 file, or empty)."""
+    the `NAME.partial` file that earlier versions built, when it is one (`_old_partial`)."""
     remove_stale_temps(path, locked=True)
     partial_file = path.with_name(path.name + OLD_PARTIAL_SUFFIX)
-    with contextlib.suppress(OSError):
-        with open(partial_file, "rb") as f:
-            head = f.read(len(HDF5_SIGNATURE))
-        if head in (b"", HDF5_SIGNATURE):
+    if _old_partial(partial_file):
+        with contextlib.suppress(OSError):
             partial_file.unlink()
+
+
+def _old_partial(path: Path) -> bool:
+    """An empty file, or an HDF5 file that is a store begun by extract (its `format_version`) or an empty shell
+    (killed before anything was written in it). A user's own file of that name, HDF5 or not, is kept; so is a
+    file that cannot be read or opened."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(HDF5_SIGNATURE))
+        if head == b"":
+            return True
+        if head != HDF5_SIGNATURE:
+            return False
+        with h5py.File(path, "r") as f:
+            return "format_version" in f.attrs or (len(f) == 0 and len(f.attrs) == 0)
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 def existing_store(path: Path) -> dict | None:

@@ -278,15 +278,27 @@ def test_leftovers_of_a_killed_creation_are_removed_and_a_users_partial_file_is_
     store = tmp_path / "s.h5"
     for name in (".s.h5.tmp-1", f".s.h5.tmp-{os.getpid()}0", "s.h5.partial"):  # dead and live pids, old name
         with h5py.File(tmp_path / name, "w") as f:
-            f.attrs["half"] = "built"
+            f.attrs["format_version"] = 1  # a store begun by extract
     (tmp_path / ".other.h5.tmp-1").write_text("another file's temp")
     cli(*args_for(images, store))
     assert leftovers(tmp_path) == [".other.h5.tmp-1"]
 
-    store.unlink()
-    (tmp_path / "s.h5.partial").write_text("a file of mine that happens to have this name")
-    cli(*args_for(images, store))
-    assert (tmp_path / "s.h5.partial").read_text().startswith("a file of mine")
+    for mine in ("text", "hdf5"):  # a user's own file that happens to have the old name survives
+        store.unlink()
+        partial = tmp_path / "s.h5.partial"
+        if mine == "text":
+            partial.write_text("a file of mine that happens to have this name")
+        else:
+            with h5py.File(partial, "w") as f:
+                f["my_results"] = [1, 2, 3]
+        cli(*args_for(images, store))
+        assert partial.exists(), mine
+        if mine == "text":
+            assert partial.read_text().startswith("a file of mine")
+        else:
+            with h5py.File(partial, "r") as f:
+                assert list(f["my_results"][:]) == [1, 2, 3]
+        partial.unlink()
 
 
 # --- read errors are retried, decode errors are not ----------------------------------------------------------------
