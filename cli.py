@@ -72,6 +72,11 @@ class FeatureNorm(str, Enum):
     none = "none"
 
 
+class LrSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
 class ScstBaseline(str, Enum):
     mean = "mean"
     greedy = "greedy"
@@ -289,6 +294,9 @@ def fit(
     warmup_steps: Annotated[
         int, typer.Option(min=0, help="Linear lr warm-up over the first N steps (0: off).")
     ] = T.warmup_steps,
+    lr_schedule: Annotated[
+        LrSchedule, typer.Option(help="Rate over the steps: constant, or a cosine from --lr to 0 by the last epoch.")
+    ] = LrSchedule(T.lr_schedule),
     decoder: Annotated[
         str, typer.Option(help="Layer sizes: report (the report's decoder) or tiny (for tests, smoke runs).")
     ] = T.decoder,

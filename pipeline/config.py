@@ -28,6 +28,7 @@ BEAM_SIZE = 3
 MAX_BEAM_SIZE = 50  # a wider beam only costs memory: (images x beam x vocabulary) log-probabilities per step
 EVAL_SPLITS = ("test", "val")  # what evaluate scores; never train, the captions the model learned
 FEATURE_NORMS = ("channel", "rms", "none")  # TrainConfig.feature_norm
+LR_SCHEDULES = ("constant", "cosine")  # TrainConfig.lr_schedule
 FINETUNE_LAYERS = ("layer4",)  # TrainConfig.finetune
 SCST_BASELINES = ("mean", "greedy")  # TrainConfig.scst_baseline (pipeline/scst.py)
 # ExtractConfig.decode (extract --decode): where JPEGs are decoded. auto: on the GPU when the device is CUDA
@@ -97,6 +98,9 @@ class TrainConfig:
     # linear warm-up: the first N optimizer steps run at lr x (step / N) (0: off). For large batches with a
     # scaled rate (docs/speed.md): Adam's first steps at a high rate can diverge before its moments settle.
     warmup_steps: int = 0
+    # the rate over the cross-entropy steps (pipeline/train/step.py rate_factor): constant (the report's), or a
+    # half cosine from lr to 0 by the last cross-entropy epoch; applied per step, on top of the warm-up
+    lr_schedule: str = "constant"
     amp: bool | None = None  # bf16 autocast; None: on CUDA only (on CPU it is opt-in: not every CPU has bf16)
     compile: bool = False
     resident: str = "auto"  # keep training features on the GPU: auto | yes | no
@@ -133,6 +137,11 @@ class TrainConfig:
         """What checkpoints store as `train_config`: the settings (not `typed`, which belongs to one command)."""
         return {k: v for k, v in asdict(self).items() if k != "typed"}
 
+    @property
+    def xe_epochs(self) -> int:
+        """The epochs trained on cross-entropy: all of them, or those up to --scst-after."""
+        return self.epochs if self.scst_after is None else min(self.epochs, self.scst_after)
+
     def validate(self) -> None:
         """Values that no training can start from, refused before any work."""
         from pipeline.model import DECODER_PRESETS  # imports torch: here, when fit starts, not for `--help`
@@ -161,6 +170,8 @@ class TrainConfig:
             raise UserError("--lr and --lr-gamma must be positive")
         if self.grad_clip < 0 or self.attention_penalty < 0 or not 0 <= self.dropout < 1:
             raise UserError("--grad-clip and --attention-penalty must be at least 0, --dropout in [0, 1)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"--lr-schedule takes {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
         if self.feature_norm not in FEATURE_NORMS:
             raise UserError(f"--feature-norm takes {', '.join(FEATURE_NORMS)}, not {self.feature_norm!r}")
         if self.decoder not in DECODER_PRESETS:

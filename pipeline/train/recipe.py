@@ -33,7 +33,7 @@ from pipeline.train.setup import (
     start,
 )
 from pipeline.train.state import TrainingData, TrainingState
-from pipeline.train.step import train_step, warmed_up
+from pipeline.train.step import rate_factor, scaled_rates, train_step
 from pipeline.train.validation import validate, validation_set
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ def train_epoch(
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per batch
     samples = 0
     with progress(len(batches), f"epoch {epoch}/{cfg.epochs}", unit="batch") as advance:
-        first = (epoch - 1) * len(batches)  # steps before this epoch (the warm-up counts over the run)
+        first = (epoch - 1) * len(batches)  # steps before this epoch (warm-up and schedule count over the run)
+        total = cfg.xe_epochs * len(batches)
         for i, batch in enumerate(batches.iterate(epoch, cfg.seed)):
-            with warmed_up(optimizer, cfg.warmup_steps, first + i):
+            with scaled_rates(optimizer, rate_factor(first + i, total, cfg.warmup_steps, cfg.lr_schedule)):
                 loss_sum += train_step(module, optimizer, batch, cfg)
             samples += batch.tokens.shape[0] * batch.tokens.shape[1]
             advance(1)

@@ -35,6 +35,7 @@ RESUMED_KEYS = (
     "lr_step",
     "lr_gamma",
     "warmup_steps",
+    "lr_schedule",
     "captions_per_image",
     "attention_penalty",
     "encoder_lr",

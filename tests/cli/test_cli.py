@@ -97,18 +97,18 @@ def test_fit_passes_every_option(calls):
         "--grad-clip", "1.5", "--lr-step", "10", "--lr-gamma", "0.5", "--decoder", "tiny", "--init-from-features",
         "--dropout", "0.2", "--gate", "--attention-penalty", "1", "--val-decode-images", "50", "--amp", "--compile",
         "--feature-norm", "rms", "--finetune", "layer4", "--encoder-lr", "0.0005", "--finetune-after", "2",
-        "--scst-after", "5", "--scst-baseline", "greedy",
+        "--scst-after", "5", "--scst-baseline", "greedy", "--lr-schedule", "cosine",
     )  # fmt: skip
     expected = TrainConfig(
         store="s.h5", out="run", epochs=7, batch_size=9, lr=0.002, resume=True, device="cpu", seed=3,
         min_word_count=2, captions_per_image=4, grad_clip=1.5, lr_step=10, lr_gamma=0.5, decoder="tiny",
         init_from_features=True, dropout=0.2, gate=True, attention_penalty=1.0, val_decode_images=50, amp=True,
         compile=True, feature_norm="rms", finetune="layer4", encoder_lr=0.0005, finetune_after=2,
-        scst_after=5, scst_baseline="greedy",
+        scst_after=5, scst_baseline="greedy", lr_schedule="cosine",
         typed=("amp", "attention_penalty", "batch_size", "captions_per_image", "compile", "decoder", "device",
                "dropout", "encoder_lr", "epochs", "feature_norm", "finetune", "finetune_after", "gate", "grad_clip",
-               "init_from_features", "lr", "lr_gamma", "lr_step", "min_word_count", "out", "resume", "scst_after",
-               "scst_baseline", "seed", "store", "val_decode_images"),
+               "init_from_features", "lr", "lr_gamma", "lr_schedule", "lr_step", "min_word_count", "out", "resume",
+               "scst_after", "scst_baseline", "seed", "store", "val_decode_images"),
     )  # fmt: skip
     assert calls == [("fit", expected)]
     _invoke("fit", "--no-amp")
@@ -255,7 +255,7 @@ def _choices(option) -> set[str] | None:
 
 def _library_choices(command: str) -> dict[str, set[str]]:
     """What the library accepts for each option that the CLI offers as a choice."""
-    from pipeline.config import DECODE_MODES, FEATURE_NORMS, FINETUNE_LAYERS, SCST_BASELINES
+    from pipeline.config import DECODE_MODES, FEATURE_NORMS, FINETUNE_LAYERS, LR_SCHEDULES, SCST_BASELINES
     from pipeline.encoder import ENCODER_NAMES
     from pipeline.store import DTYPES
 
@@ -265,6 +265,7 @@ def _library_choices(command: str) -> dict[str, set[str]]:
             "feature_norm": set(FEATURE_NORMS),
             "finetune": set(FINETUNE_LAYERS),
             "scst_baseline": set(SCST_BASELINES),
+            "lr_schedule": set(LR_SCHEDULES),
         },
         "evaluate": {"split": set(EVAL_SPLITS)},
     }.get(command, {})

@@ -286,19 +286,32 @@ def _assert_same_run(reference: Path, out: Path) -> None:
 
 
 def test_warm_up_scales_the_rates_of_the_first_steps_only_and_restores_them():
-    from pipeline.train.step import warmed_up
+    from pipeline.train.step import rate_factor, scaled_rates
 
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     opt = torch.optim.Adam([{"params": params[:1], "lr": 1e-3}, {"params": params[1:], "lr": 1e-4}])
     seen = []
     for step in range(6):
-        with warmed_up(opt, 4, step):
+        with scaled_rates(opt, rate_factor(step, 100, 4, "constant")):
             seen.extend(g["lr"] for g in opt.param_groups)
     expected = [lr * k / 4 for k in (1, 2, 3, 4) for lr in (1e-3, 1e-4)] + [1e-3, 1e-4] * 2
     assert seen == pytest.approx(expected)
-    with pytest.raises(RuntimeError), warmed_up(opt, 4, 0):
+    with pytest.raises(RuntimeError), scaled_rates(opt, 0.25):
         raise RuntimeError("a failed step")
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-4]  # what the scheduler and last.pt see
+
+
+def test_cosine_schedule_falls_from_the_rate_to_zero_over_the_run_after_the_warm_up():
+    from pipeline.train.step import rate_factor
+
+    factors = [rate_factor(step, 100, 10, "cosine") for step in range(100)]
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 100)) for k in range(100)]
+    assert factors[:10] == pytest.approx([(k + 1) / 10 * cosine[k] for k in range(10)])
+    assert factors[10:] == pytest.approx(cosine[10:])
+    assert all(a > b for a, b in zip(factors[10:], factors[11:], strict=False))  # falls after the warm-up
+    assert factors[50] == pytest.approx(0.5) and factors[-1] < 0.001
+    assert rate_factor(150, 100, 10, "cosine") == 0.0  # clamped at the end
+    assert rate_factor(50, 100, 0, "constant") == 1.0
 
 
 def test_warm_up_makes_the_first_updates_smaller(store20, tmp_path):

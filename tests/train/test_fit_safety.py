@@ -71,6 +71,14 @@ def test_fit_refuses_values_that_are_not_numbers(store, tmp_path, cli, option, c
     assert not (tmp_path / "out").exists()
 
 
+def test_fit_refuses_an_unknown_rate_schedule(store, tmp_path, cli):
+    result = cli(*_fit(store, tmp_path / "out", "--epochs", "1", "--lr-schedule", "linear"), code=2)
+    assert "--lr-schedule" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="--lr-schedule"):
+        fit(TrainConfig(store=str(store), out=str(tmp_path / "o"), lr_schedule="linear", device="cpu"))
+
+
 def test_fit_in_the_stores_own_folder_leaves_the_store_alone(store, tmp_path, cli):
     folder = tmp_path / "cache"
     folder.mkdir()
