@@ -105,7 +105,7 @@ def beam_search(
             _collect(finished, norm, ended, history, alpha_hist, length)
         best.update(norm, ended, history, alpha_hist, length, batch_idx)
         scores = torch.where(ended, torch.full_like(top, -float("inf")), top)
-        if not bool(torch.isfinite(scores).any()):
+        if _settled(best.score, scores, max_steps, n_best):
             break
         tokens = word
         state = state.select(batch_idx, parent)
@@ -114,6 +114,17 @@ def beam_search(
         # A stable sort keeps the search's order among equal scores, the order in which `best` was chosen.
         d.beams = sorted(hyps, key=lambda h: -h.score)[:n_best]
     return out
+
+
+def _settled(best: torch.Tensor, live: torch.Tensor, max_steps: int, n_best: int) -> bool:
+    """Whether the search can stop: no live hypothesis (scores `live` (B, K), -inf when ended) left, or, without
+    an n-best list, none that can still beat its image's best finished one (`best` (B,), length-normalised).
+    Exact: a live sum of log-probabilities s <= 0 only falls, and its length is at most max_steps, so its
+    normalised score can never exceed s / max_steps; a tie does not replace the best (`_Best.update`). A trained
+    model's captions end after ~12 words: the search then stops instead of running the other beams to max_steps."""
+    if not bool(torch.isfinite(live).any()):
+        return True
+    return not n_best and bool((best >= live.max(dim=1).values / max_steps).all())
 
 
 def _greedy_beams(model: Decoder, features: torch.Tensor, max_steps: int, n_best: int) -> list[Decoded]:

@@ -420,6 +420,46 @@ def test_train_step_with_amp_on_cpu_updates_the_model():
     assert not torch.equal(before, model.gates.weight)
 
 
+@pytest.mark.parametrize("beam_size", [2, 3, 5])
+def test_beam_search_stops_when_no_live_beam_can_win_and_finds_what_the_full_search_finds(beam_size):
+    """The search stops once every live hypothesis's best possible score is below the best finished one; the
+    full search (the n-best list turns the stop off) must find the same captions, and the stop must save steps.
+    The model: peaked distributions, <end> likely (as a trained captioner's after a sentence), so that the
+    beams that go on after one ended soon have no chance left."""
+    end_biased_model = _narrow_model(seed=8).eval()
+    with torch.no_grad():
+        for p in end_biased_model.parameters():
+            p.mul_(4.0)
+        end_biased_model.fc_out.bias[END_ID] = 3.0
+    steps = {"stopped": 0, "full": 0}
+    for seed in range(6):
+        feats = _features(3, seed=20 + seed, dim=NARROW_D)
+        for kind, n_best in (("stopped", 0), ("full", beam_size)):
+            counted = _StepCounter(end_biased_model)
+            found = beam_search(counted, feats, beam_size=beam_size, max_steps=12, n_best=n_best)
+            steps[kind] += counted.steps
+            if kind == "stopped":
+                stopped = found
+        for a, b in zip(stopped, found, strict=True):
+            assert a.tokens == b.tokens and a.score == b.score
+            np.testing.assert_array_equal(a.attention, b.attention)
+    assert steps["stopped"] < steps["full"], steps
+
+
+class _StepCounter:
+    """The decoder, counting the steps a search runs."""
+
+    def __init__(self, model: Decoder) -> None:
+        self.model, self.steps = model, 0
+
+    def init_state(self, *args, **kwargs):
+        return self.model.init_state(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        self.steps += 1
+        return self.model.step(*args, **kwargs)
+
+
 # -- n-best (serve shows the n best beams with their scores) -------------------------------------------
 
 
