@@ -235,6 +235,7 @@ class DemoConfig:
     out: Path = Path("cache/demo")
     images: int = 960  # 768 train: shape is read from the features at 98% (linear probe) against 85% with 384
     epochs: int = 6  # the same steps as 480 images x 12 epochs
+    captions_per_image: int = 5  # fit's --captions-per-image
     size: int = 224
     seed: int = 0
     weights: str | None = None  # None: ImageNet V1 when cached, else none

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import DemoConfig
+from pipeline.config import DemoConfig, TrainConfig
 from pipeline.console import caption_line, extract_line, print_scores
 from pipeline.demo.shapes import COLOURS, PLACES, SHAPES, image_names, make_dataset, object_mask
 from pipeline.encoder import NAMED_WEIGHTS, imagenet_weights_file
@@ -215,12 +215,29 @@ def _report_attributes(result: dict, model: Path, store: Path, truth: dict[str, 
         )
 
 
+def train_config(cfg: DemoConfig, store: Path, out: Path) -> TrainConfig:
+    """How the demo runs fit on `store` (also the benchmark's second picture set, `benchmarks/hidden_set.py`)."""
+    return TrainConfig(
+        store=str(store),
+        out=str(out),
+        epochs=cfg.epochs,
+        device="cpu",
+        min_word_count=1,
+        captions_per_image=cfg.captions_per_image,
+        seed=cfg.seed,
+        val_decode_images=100,
+        finetune="layer4" if cfg.finetune else None,
+        encoder_lr=cfg.encoder_lr,
+        finetune_after=cfg.finetune_after if cfg.finetune else 0,
+    )
+
+
 def _run(cfg: DemoConfig) -> dict:
     """Each stage in turn, in the demo's folder. A long function: it is the demo's script, read top to bottom."""
     from pipeline.evaluate import EvaluateConfig, evaluate
     from pipeline.extract import ExtractConfig, extract
     from pipeline.generate import GenerateConfig, generate
-    from pipeline.train import TrainConfig, fit
+    from pipeline.train import fit
 
     start = time.perf_counter()
     captions = make_dataset(cfg.out, cfg.images, cfg.size, cfg.seed)
@@ -230,21 +247,7 @@ def _run(cfg: DemoConfig) -> dict:
     layer = "layer3" if cfg.finetune else "layer4"  # fine-tuning layer4 trains from its input, layer3
     x = ExtractConfig(images=cfg.out, captions=captions, store=store, weights=weights, device="cpu", layer=layer)
     log.info(extract_line(extract(x)))  # the CLI's `done:` line (a new store: never None)
-    fit(
-        TrainConfig(
-            store=str(store),
-            out=str(cfg.out),
-            epochs=cfg.epochs,
-            device="cpu",
-            min_word_count=1,
-            captions_per_image=5,
-            seed=cfg.seed,
-            val_decode_images=100,
-            finetune="layer4" if cfg.finetune else None,
-            encoder_lr=cfg.encoder_lr,
-            finetune_after=cfg.finetune_after if cfg.finetune else 0,
-        )
-    )
+    fit(train_config(cfg, store, cfg.out))
     result = evaluate(
         EvaluateConfig(model=cfg.out / "model.pt", store=store, out=cfg.out / "scores.json", device="cpu")
     )

@@ -1,12 +1,14 @@
 """A second captioned picture set, unlike the demo's: other shapes, colours, places, backgrounds and sentence
-templates. It checks that what fit learns on the demo is not tuned to the demo's generator
-(tests/train/test_quality.py, and the `hidden` rows of BENCHMARKS.md's quality table)."""
+templates. It checks that what fit learns on the demo is not tuned to the demo's generator: section `quality`
+(benchmarks/bench_quality.py) trains on it as the demo trains, and compares its captions with the linear probe.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -66,3 +68,16 @@ def make_hidden_set(folder: Path, n: int, size: int = 224, seed: int = 7) -> tup
     path = folder / "hidden_captions.json"
     path.write_text(json.dumps({"dataset": "hidden", "images": entries}), encoding="utf-8")
     return path, truth
+
+
+def attribute_accuracy(captions: list[dict], truth: dict[str, dict]) -> dict[str, float]:
+    """Share of the generated captions (evaluate's) that name each image's colour, shape and place phrase."""
+
+    def says(caption: str, attribute: str, value: str) -> bool:
+        text = " ".join(re.findall(r"[a-z]+", caption))
+        return f" {WORDS[value] if attribute == 'place' else value} " in f" {text} "
+
+    return {
+        a: sum(says(c["caption"], a, truth[c["image"]][a]) for c in captions) / max(len(captions), 1)
+        for a in ("colour", "shape", "place")
+    }
