@@ -63,11 +63,27 @@ def is_own_figure(path: Path, kind: str = "attention") -> bool:
         return False
 
 
+def heat_map(alpha: np.ndarray, size: int = 224) -> np.ndarray:
+    """One word's attention (grid x grid weights) as a (size, size) uint8 map over the photo: the weights over
+    their maximum in uint8, interpolated bilinearly with the grid's cells where the encoder's are. ResNet50's
+    strided convolutions pad symmetrically, so its cell (i, j) is centred on pixel (j, i) x 32 of the 224x224
+    input (pixel 96 for the middle cell, measured in tests/core/test_geometry.py), half a cell up and left of
+    the picture's 7x7 tiling; drawn on that tiling the heat sat half a cell low and right. Pixel x reads the
+    grid at x * grid / size, clamped at the edges. serve's page (web/app.js `draw`) computes the same map."""
+    n = int(round(math.sqrt(alpha.size)))
+    heat = (alpha.reshape(n, n) / max(float(alpha.max()), 1e-12) * 255).astype(np.uint8).astype(np.float64)
+    s = np.clip(np.arange(size) * n / size, 0, n - 1)
+    lo = np.floor(s).astype(int)
+    hi, f = np.minimum(lo + 1, n - 1), s - lo
+    cols = heat[:, lo] * (1 - f) + heat[:, hi] * f  # (n, size): along x first, as the page does
+    out = cols[lo] * (1 - f)[:, None] + cols[hi] * f[:, None]
+    return np.floor(out + 0.5).astype(np.uint8)  # rounded half up, as JavaScript's Math.round
+
+
 def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, path: Path, size: int = 224) -> Path:
     """Write a PNG with 1 + len(words) panels; alphas (len(words), 49)."""
     plt = _pyplot()
     photo = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
-    grid = int(round(math.sqrt(alphas.shape[-1]))) if len(words) else 7
     panels = 1 + len(words)
     cols = min(panels, 5)
     rows = math.ceil(panels / cols)
@@ -78,12 +94,7 @@ def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, p
     axes.flat[0].set_title("photo", fontsize=10)
     for i, word in enumerate(words):
         ax = axes.flat[i + 1]
-        heat = alphas[i].reshape(grid, grid)
-        heat = np.asarray(
-            Image.fromarray((heat / max(heat.max(), 1e-12) * 255).astype(np.uint8)).resize(
-                (size, size), Image.Resampling.BILINEAR
-            )
-        )
+        heat = heat_map(alphas[i], size)
         ax.imshow(photo)
         ax.imshow(heat, cmap=COLORMAP, alpha=OVERLAY_ALPHA, vmin=0, vmax=255)
         ax.set_title(word, fontsize=10)

@@ -63,12 +63,18 @@ def _draw_object(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: fl
 
 def object_mask(attrs: dict, size: int, grid: int = 7) -> np.ndarray:
     """(grid * grid,) share of each attention cell that the object covers (row-major, as the decoder's 49
-    positions): the object redrawn alone, averaged over each cell. The transform's resize to 224x224 scales
-    the square picture uniformly, so cells of the picture are cells of the feature grid."""
+    positions): the object redrawn alone, averaged over each cell's window. The transform's resize to 224x224
+    scales the square picture uniformly; the encoder's cell (i, j) is centred on pixel (j, i) x size / grid
+    (ResNet50's strided convolutions pad symmetrically: figures.heat_map), so its window is the grid's tiling
+    moved half a cell up and left. (Measured on the picture's own tiling, the attention of the README's
+    figures sat half a cell low and right of the object, and the ratios came out 1.3-1.5x too low.)"""
     mask = Image.new("L", (size, size), 0)
     o = attrs["object"]
     _draw_object(ImageDraw.Draw(mask), attrs["shape"], o["cx"], o["cy"], o["r"], 255)
-    return np.asarray(mask.resize((grid, grid), Image.Resampling.BOX), dtype=np.float64).ravel() / 255.0
+    half = round(size / grid / 2)
+    moved = Image.new("L", (size, size), 0)
+    moved.paste(mask, (half, half))  # the window of cell j starts half a cell before j x size / grid
+    return np.asarray(moved.resize((grid, grid), Image.Resampling.BOX), dtype=np.float64).ravel() / 255.0
 
 
 def make_dataset(folder: Path, n: int, size: int = 224, seed: int = 0) -> Path:

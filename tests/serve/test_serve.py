@@ -269,11 +269,9 @@ def test_cli_errors_are_one_line(cli, model_path, tmp_path):
 
 def _figure_overlay(alpha: list[float], colors: list[list[int]]) -> np.ndarray:
     """The heat map of pipeline/figures.attention_figure for one word, in RGB (before blending with the photo)."""
-    a = np.asarray(alpha, dtype=np.float64).reshape(7, 7)
-    heat = Image.fromarray((a / max(a.max(), 1e-12) * 255).astype(np.uint8)).resize(
-        (224, 224), Image.Resampling.BILINEAR
-    )
-    return np.asarray(colors)[np.asarray(heat)]
+    from pipeline.figures import heat_map
+
+    return np.asarray(colors)[heat_map(np.asarray(alpha, dtype=np.float64))]
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +338,7 @@ def test_page_in_a_real_browser(chromium, server, photos, jpeg, tmp_path):
             expect(words.nth(0)).to_have_class("word active")
             first = page.evaluate("document.getElementById('overlay').toDataURL()")
             assert first != blank, "hovering a word drew nothing"
-            # drawn as attention_figure draws it: uint8 heat, resized bilinear to 224x224, the colour map's colours
+            # drawn as attention_figure draws it (figures.heat_map), in the colour map's colours
             canvas = page.evaluate(
                 "[...document.getElementById('overlay').getContext('2d').getImageData(0, 0, 224, 224).data]"
             )

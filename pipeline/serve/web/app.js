@@ -274,15 +274,15 @@
   const ctx = el.overlay.getContext("2d");
 
   function draw(alpha) {
-    // As pipeline/figures.py: heat = uint8(alpha / max * 255) on the grid, bilinear resize to 224x224
-    // (half-pixel centres, edges clamped, as Pillow), then the colour map's entry for each value.
+    // As pipeline/figures.py heat_map: heat = uint8(alpha / max * 255) on the grid, read bilinearly at
+    // x * n / 224 (the encoder's cell j is centred on pixel 32 j, edges clamped), then the colour map's entry.
     const n = Math.round(Math.sqrt(alpha.length));
     const max = Math.max(...alpha, 1e-12);
     const heat = alpha.map((a) => Math.floor((a / max) * 255));
     const image = ctx.createImageData(SIZE, SIZE);
     const axis = [];
     for (let i = 0; i < SIZE; i++) {
-      const s = Math.min(Math.max(((i + 0.5) * n) / SIZE - 0.5, 0), n - 1);
+      const s = Math.min(Math.max((i * n) / SIZE, 0), n - 1);
       const lo = Math.floor(s);
       axis.push([lo, Math.min(lo + 1, n - 1), s - lo]);
     }
