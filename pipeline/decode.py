@@ -105,7 +105,7 @@ def beam_search(
             _collect(finished, norm, ended, history, alpha_hist, length)
         best.update(norm, ended, history, alpha_hist, length, batch_idx)
         scores = torch.where(ended, torch.full_like(top, -float("inf")), top)
-        if _settled(best.score, scores, max_steps, n_best):
+        if _settled(best.score, scores, max_steps, finished, n_best):
             break
         tokens = word
         state = state.select(batch_idx, parent)
@@ -116,15 +116,25 @@ def beam_search(
     return out
 
 
-def _settled(best: torch.Tensor, live: torch.Tensor, max_steps: int, n_best: int) -> bool:
-    """Whether the search can stop: no live hypothesis (scores `live` (B, K), -inf when ended) left, or, without
-    an n-best list, none that can still beat its image's best finished one (`best` (B,), length-normalised).
-    Exact: a live sum of log-probabilities s <= 0 only falls, and its length is at most max_steps, so its
-    normalised score can never exceed s / max_steps; a tie does not replace the best (`_Best.update`). A trained
-    model's captions end after ~12 words: the search then stops instead of running the other beams to max_steps."""
+def _settled(
+    best: torch.Tensor, live: torch.Tensor, max_steps: int, finished: list[list[Decoded]], n_best: int
+) -> bool:
+    """Whether the search can stop: no live hypothesis left (scores `live` (B, K), -inf when ended), or none that
+    can still change the result: beat its image's best finished one (`best` (B,), length-normalised) or, with
+    an n-best list, enter it (its n-th finished score). Exact: a live sum of log-probabilities s <= 0 only
+    falls and its length is at most max_steps, so its normalised score can never exceed s / max_steps; a tie
+    does not displace an earlier hypothesis (`_Best.update`, the n-best list's stable sort). A trained model's
+    captions end after ~12 words: the search then stops instead of running the other beams to max_steps."""
     if not bool(torch.isfinite(live).any()):
         return True
-    return not n_best and bool((best >= live.max(dim=1).values / max_steps).all())
+    bound = live.max(dim=1).values / max_steps  # the most any live hypothesis of each image can still score
+    if not n_best:
+        return bool((best >= bound).all())
+    for hyps, most in zip(finished, bound.tolist(), strict=True):
+        scores = sorted((h.score for h in hyps), reverse=True)
+        if len(scores) < n_best or scores[n_best - 1] < most:
+            return False
+    return True
 
 
 def _greedy_beams(model: Decoder, features: torch.Tensor, max_steps: int, n_best: int) -> list[Decoded]:

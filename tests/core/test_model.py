@@ -421,28 +421,35 @@ def test_train_step_with_amp_on_cpu_updates_the_model():
 
 
 @pytest.mark.parametrize("beam_size", [2, 3, 5])
-def test_beam_search_stops_when_no_live_beam_can_win_and_finds_what_the_full_search_finds(beam_size):
-    """The search stops once every live hypothesis's best possible score is below the best finished one; the
-    full search (the n-best list turns the stop off) must find the same captions, and the stop must save steps.
-    The model: peaked distributions, <end> likely (as a trained captioner's after a sentence), so that the
-    beams that go on after one ended soon have no chance left."""
-    end_biased_model = _narrow_model(seed=8).eval()
+@pytest.mark.parametrize("n_best", [False, True], ids=["best", "n-best"])
+def test_beam_search_stops_when_no_live_beam_can_change_the_result(beam_size, n_best, monkeypatch):
+    """The search stops once no live hypothesis can still beat the best finished one (or, with the n-best list,
+    enter it); a full search (no stop until every beam has ended or max_steps) must find the same captions,
+    scores, attention and n-best lists, and the stop must save steps. The model: peaked distributions, <end>
+    likely (as a trained captioner's after a sentence), so that the beams that go on soon have no chance left."""
+    import pipeline.decode as decode
+
+    model = _narrow_model(seed=8).eval()
     with torch.no_grad():
-        for p in end_biased_model.parameters():
+        for p in model.parameters():
             p.mul_(4.0)
-        end_biased_model.fc_out.bias[END_ID] = 3.0
-    steps = {"stopped": 0, "full": 0}
-    for seed in range(6):
-        feats = _features(3, seed=20 + seed, dim=NARROW_D)
-        for kind, n_best in (("stopped", 0), ("full", beam_size)):
-            counted = _StepCounter(end_biased_model)
-            found = beam_search(counted, feats, beam_size=beam_size, max_steps=12, n_best=n_best)
+        model.fc_out.bias[END_ID] = 3.0
+    keep = beam_size if n_best else 0
+    steps, found = {"stopped": 0, "full": 0}, {}
+    stop = decode._settled
+    for kind in ("stopped", "full"):
+        if kind == "full":
+            monkeypatch.setattr(decode, "_settled", lambda best, live, *rest: not bool(torch.isfinite(live).any()))
+        found[kind] = []
+        for seed in range(6):
+            counted = _StepCounter(model)
+            found[kind] += beam_search(counted, _features(3, seed=20 + seed, dim=NARROW_D), beam_size, 12, keep)
             steps[kind] += counted.steps
-            if kind == "stopped":
-                stopped = found
-        for a, b in zip(stopped, found, strict=True):
-            assert a.tokens == b.tokens and a.score == b.score
-            np.testing.assert_array_equal(a.attention, b.attention)
+    assert decode._settled is not stop
+    for a, b in zip(found["stopped"], found["full"], strict=True):
+        assert a.tokens == b.tokens and a.score == b.score
+        np.testing.assert_array_equal(a.attention, b.attention)
+        assert [(h.tokens, h.score) for h in a.beams] == [(h.tokens, h.score) for h in b.beams]
     assert steps["stopped"] < steps["full"], steps
 
 
