@@ -21,7 +21,7 @@ from pipeline.loss import CaptionTraining
 from pipeline.model import CaptionModel, compile_cell, count_parameters
 from pipeline.scst import Rewards, SelfCriticalTraining, collapsing, scst_epoch
 from pipeline.store import FeatureStore
-from pipeline.train.run_folder import Curves, RunFiles, claim, complete_files, resumed_history, save_epoch
+from pipeline.train.run_folder import EpochWriter, RunFiles, claim, complete_files, resumed_history, save_epoch
 from pipeline.train.setup import (
     check_finetune,
     check_resumable,
@@ -164,7 +164,7 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
             f"{data.store.path} has no validation images: model.pt will be the epoch with the lowest training loss"
         )
     record: dict = {}
-    curves = Curves(files.curves)
+    writer = EpochWriter()
     try:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             dist.seed_epoch(cfg.seed, epoch)
@@ -180,12 +180,12 @@ def run_epochs(state: TrainingState, data: TrainingData, cfg: TrainConfig, files
             # best so far (restored from the same last.pt): the best-epoch choice is the same on every rank
             is_best = state.end_epoch(record, val.metric)
             if dist.is_main:
-                save_epoch(files, state, data, cfg, is_best, curves)
+                save_epoch(files, state, data, cfg, is_best, writer)
                 log.info(_epoch_line(record, is_best, val.sample_name))
                 if record["phase"] == "scst" and collapsing(state.records):
                     log.warning(_collapse_line(state))
     finally:
-        curves.close()
+        writer.close()
     return record
 
 

@@ -10,12 +10,16 @@ null: strict JSON has no NaN.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from pipeline import checkpoint
 from pipeline.config import TrainConfig
@@ -91,25 +95,41 @@ def _refuse_earlier_run(files: RunFiles) -> None:
         )
 
 
-class Curves:
-    """curves.png redrawn off the training thread (matplotlib took ~0.25 s an epoch: a tenth of a GPU epoch at a
-    large batch), one drawing at a time, in epoch order. A drawing's error (a full disk) is raised by the next
-    `draw` or by `close`, which waits for the last drawing: once fit returns or stops, the figure is whole."""
+class EpochWriter:
+    """The files of each epoch written off the training thread, in the order `save_epoch` gives: last.pt, model.pt,
+    metrics.jsonl, curves.png (timm's CheckpointSaver runs in the training thread; here a 144 MB last.pt took
+    ~0.5 s and matplotlib ~0.25 s an epoch, half of a GPU epoch at a large batch). One epoch's files at a time:
+    `submit` first waits for the previous epoch's, and raises its error (a full disk) as the training thread's
+    own; `close` waits for the last, so once fit returns or stops, every file is whole. Each file is replaced
+    atomically, as before: a kill during a write leaves the previous epoch's file. Ctrl-C while the training
+    thread waits for a write lets the write finish, then stops (a second Ctrl-C waits too: a save takes a
+    second at most)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curves")
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-files")
         self._pending: Future | None = None
 
-    def draw(self, records: list[dict]) -> None:
-        if self._pending is not None and self._pending.done():
-            self._pending.result()
-        self._pending = self._pool.submit(training_curves, [dict(r) for r in records], self.path)
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(write)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        interrupted = False
+        while True:
+            try:
+                pending.result()
+                break
+            except KeyboardInterrupt:  # raised in this thread by the signal, not by the write
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
 
     def close(self) -> None:
         try:
-            if self._pending is not None:
-                self._pending.result()
+            self.wait()
         finally:
             self._pool.shutdown(wait=True)
 
@@ -120,10 +140,11 @@ def save_epoch(
     data: TrainingData,
     cfg: TrainConfig,
     is_best: bool,
-    curves: Curves | None = None,
+    writer: EpochWriter | None = None,
 ) -> None:
     """The run's files after an epoch, each replaced atomically, last.pt first: from the moment it is saved the
-    run resumes from this epoch, and a resume completes whatever a kill left unwritten after it."""
+    run resumes from this epoch, and a resume completes whatever a kill left unwritten after it. With a
+    `writer`, a copy of the model and optimizer state is taken here and the files are written by its thread."""
     extra = checkpoint.finetune_state(state.model) if cfg.finetune is not None else None
     ckpt = checkpoint.model_state(
         state.model.decoder,
@@ -135,14 +156,32 @@ def save_epoch(
         state.records[-1],
         extra,
     )
-    checkpoint.save(ckpt | checkpoint.training_state(state.optimizer, state.scheduler, state.records), files.last)
-    if is_best:
-        checkpoint.save(ckpt, files.model)
-    write_history(files.metrics, state.records)
-    if curves is not None:
-        curves.draw(state.records)
-    else:
-        training_curves(state.records, files.curves)
+    last = ckpt | checkpoint.training_state(state.optimizer, state.scheduler, state.records)
+    records = [dict(r) for r in state.records]
+
+    def write(last: dict = last, ckpt: dict = ckpt) -> None:
+        checkpoint.save(last, files.last)
+        if is_best:
+            checkpoint.save(ckpt, files.model)
+        write_history(files.metrics, records)
+        training_curves(records, files.curves)
+
+    if writer is None:
+        write()
+    else:  # the next step changes the weights and Adam's moments in place: the thread writes a copy
+        copy = _copied(last)
+        writer.submit(functools.partial(write, copy, {k: copy[k] for k in ckpt}))
+
+
+def _copied(value: object) -> object:
+    """`value` with every tensor copied to the CPU (the training state of one epoch, frozen for the writer)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    return value
 
 
 def resumed_history(ckpt: dict, files: RunFiles) -> list[dict]:

@@ -285,6 +285,35 @@ def _assert_same_run(reference: Path, out: Path) -> None:
             assert a[key] == b[key], (key, a["epoch"])
 
 
+def test_each_epochs_last_pt_holds_that_epochs_weights_though_written_while_the_next_trains(
+    store20, tmp_path, monkeypatch
+):
+    """The epoch's files are written by another thread while the next epoch trains: what it writes is a copy
+    taken when the epoch ended (each write here is held back 0.2 s, so that a shared tensor would have moved)."""
+    import pipeline.train.recipe as recipe
+    import pipeline.train.run_folder as run_folder
+
+    at_end, written = [], []
+    real_save_epoch, real_save = run_folder.save_epoch, run_folder.checkpoint.save
+
+    def save_epoch(files, state, *args, **kwargs):
+        at_end.append(state.model.decoder.gates.weight.detach().clone())
+        return real_save_epoch(files, state, *args, **kwargs)
+
+    def save(state, path):
+        if Path(path).name == "last.pt":
+            time.sleep(0.2)
+            written.append(state["model"]["gates.weight"].clone())
+        return real_save(state, path)
+
+    monkeypatch.setattr(recipe, "save_epoch", save_epoch)
+    monkeypatch.setattr(run_folder.checkpoint, "save", save)
+    fit(_cfg(store20.path, tmp_path / "out", epochs=3))
+    assert len(written) == len(at_end) == 3
+    assert all(torch.equal(a, b) for a, b in zip(at_end, written, strict=True))
+    assert not torch.equal(written[0], written[1])
+
+
 def test_warm_up_scales_the_rates_of_the_first_steps_only_and_restores_them():
     from pipeline.train.step import rate_factor, scaled_rates
 

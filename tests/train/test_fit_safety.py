@@ -198,6 +198,49 @@ def test_full_disk_while_saving_is_one_error_line(store, tmp_path, subprocess_en
     assert _temps(out) == [] and not (out / "last.pt").exists()
 
 
+def test_epoch_files_are_written_in_order_off_the_training_thread_and_errors_come_back(tmp_path):
+    """The epoch writer: writes run one at a time in order; a failed write is raised by the next submit (and by
+    close), as the training thread's own error."""
+    import threading
+
+    from pipeline.train.run_folder import EpochWriter
+
+    writer, seen = EpochWriter(), []
+    for i in range(3):
+        writer.submit(lambda i=i: seen.append((i, threading.current_thread().name)))
+    writer.close()
+    assert [i for i, _ in seen] == [0, 1, 2] and all(name.startswith("epoch-files") for _, name in seen)
+
+    writer = EpochWriter()
+    writer.submit(lambda: (_ for _ in ()).throw(UserError("cannot write last.pt: No space left on device")))
+    with pytest.raises(UserError, match="No space left"):
+        writer.submit(lambda: None)
+    writer.close()
+
+
+def test_ctrl_c_while_fit_waits_for_an_epochs_files_lets_them_finish(tmp_path):
+    """Ctrl-C (here raised in the main thread while it waits) does not cut a write short: the file is whole,
+    then KeyboardInterrupt goes on as fit's own."""
+    import threading
+
+    from pipeline.files import write_text_atomic
+    from pipeline.train.run_folder import EpochWriter
+
+    target = tmp_path / "metrics.jsonl"
+
+    def slow_write() -> None:
+        time.sleep(0.5)
+        write_text_atomic(target, "whole\n")
+
+    writer = EpochWriter()
+    writer.submit(slow_write)
+    threading.Timer(0.1, lambda: signal.raise_signal(signal.SIGINT)).start()
+    threading.Timer(0.2, lambda: signal.raise_signal(signal.SIGINT)).start()  # a second Ctrl-C waits too
+    with pytest.raises(KeyboardInterrupt):
+        writer.close()
+    assert target.read_text() == "whole\n" and _temps(tmp_path) == []
+
+
 def test_stale_temp_files_of_a_killed_run_are_removed(store, trained, tmp_path, cli):
     out = tmp_path / "out"
     shutil.copytree(trained, out)
