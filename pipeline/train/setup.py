@@ -77,9 +77,12 @@ def resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
         resumed["feature_norm"] = "rms" if saved.get("feature_scale", True) else "none"
     if isinstance(resumed.get("word2vec"), dict):  # saved as a plain dict (weights_only checkpoints)
         resumed["word2vec"] = Word2VecConfig(**resumed["word2vec"])
-    # checkpoints from before word vectors: random and trained, whatever this command line says
+    # checkpoints from before word vectors, the warm-up and the rate schedule: as they trained, whatever this
+    # command line says (random trained vectors, no warm-up, a constant rate)
     resumed.setdefault("embeddings", "random")
     resumed.setdefault("freeze_embeddings", False)
+    resumed.setdefault("warmup_steps", 0)
+    resumed.setdefault("lr_schedule", "constant")
     # the SCST schedule is the command line's when given (typed, or set by a script), else last.pt's
     given = {k for k in SCST_KEYS if k in cfg.typed or getattr(cfg, k) != getattr(TrainConfig, k)}
     resumed |= {k: saved[k] for k in SCST_KEYS if k in saved and k not in given}

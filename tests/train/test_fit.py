@@ -27,6 +27,7 @@ from helpers_store import ROOT, class_captions, make_store
 from pipeline import checkpoint
 from pipeline.data import Batches
 from pipeline.encoder import WeightsInfo
+from pipeline.errors import UserError
 from pipeline.train import TrainConfig, fit, prepare
 from pipeline.vocab import END_ID, PAD_ID, START_ID
 
@@ -592,6 +593,15 @@ def test_a_checkpoint_from_before_channel_statistics_loads_decodes_and_resumes_a
     model, _ = checkpoint.build_decoder(checkpoint.load(out / "model.pt"))
     assert not model.cfg.feature_norm and model.cfg.feature_scale == old["model_config"]["feature_scale"]
 
+    # a schedule it did not have is refused, not applied to it: it trained at a constant rate, without warm-up
+    for option in ({"lr_schedule": "cosine"}, {"warmup_steps": 5}):
+        ckpt = _load(out / "last.pt")
+        ckpt["train_config"] = {
+            k: v for k, v in ckpt["train_config"].items() if k not in ("lr_schedule", "warmup_steps")
+        }
+        torch.save(ckpt, out / "last.pt")
+        with pytest.raises(UserError, match="last.pt: (constant|0)"):
+            fit(_cfg(store20.path, out, epochs=2, resume=True, typed=tuple(option), **option))
     fit(_cfg(store20.path, out, epochs=2, resume=True))
     resumed = _load(out / "last.pt")
     assert resumed["epoch"] == 2 and resumed["train_config"]["feature_norm"] == "rms"
