@@ -6,9 +6,11 @@ training), not the encoder. The demo prints the probe's accuracy next to the cap
 `benchmarks/bench_probe.py` runs it on any store with attribute labels.
 
 The classifier: multinomial logistic regression with an L2 penalty on each feature standardised with the
-train split's mean and standard deviation; on the whole grid (7x7x2048 values) or on its mean over the grid
-cells (2048). Fitted on the train rows with L-BFGS (torch's), the penalty chosen from a short list by accuracy
-on the val rows, then scored on the test rows.
+train split's mean and standard deviation; on the whole grid (7x7x2048 values), on its mean over the grid
+cells (2048), or on one weighted mean of the cells per image ("glimpse", 2048: given weights, such as the share
+of each cell an object covers, which is what one attention step can read). Fitted on the train rows with
+L-BFGS (torch's), the penalty chosen from a short list by accuracy on the val rows, then scored on the test
+rows.
 
 With far fewer images than feature values (the demo: 384 x 100,352), the fit runs in the dual: an L2-penalised
 linear model's weights lie in the span of the training rows, w = X^T a, so the logits are K a with the
@@ -26,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 PENALTIES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # L2 weight on the mean cross-entropy, tried in turn; chosen on val
-POOLS = ("grid", "mean")
+POOLS = ("grid", "mean")  # and "glimpse", with weights
 
 
 @dataclass(frozen=True)
 class ProbeResult:
     attribute: str
-    pool: str  # grid: every cell's features; mean: their mean over the cells
+    pool: str  # grid: every cell's features; mean: their mean over the cells; glimpse: a weighted mean
     accuracy: float  # on the test rows
     val_accuracy: float  # of the chosen penalty, on the val rows
     penalty: float
@@ -42,10 +44,14 @@ class ProbeResult:
         return dict(self.__dict__)
 
 
-def _inputs(features: np.ndarray, rows: np.ndarray, pool: str) -> torch.Tensor:
+def _inputs(features: np.ndarray, rows: np.ndarray, pool: str, weights: np.ndarray | None) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(features[np.sort(rows)], dtype=np.float32))  # (n, h, w, C)
     order = np.argsort(np.argsort(rows))  # back to the order of `rows`
     x = x[torch.from_numpy(order)]
+    if pool == "glimpse":
+        w = torch.from_numpy(np.asarray(weights, dtype=np.float32)[rows])  # (n, h * w)
+        w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.einsum("np,npc->nc", w, x.reshape(len(rows), w.shape[1], -1))
     return x.mean(dim=(1, 2)) if pool == "mean" else x.reshape(len(rows), -1)
 
 
@@ -78,12 +84,18 @@ def linear_probe(
     val_rows: np.ndarray,
     test_rows: np.ndarray,
     pools: tuple[str, ...] = POOLS,
+    weights: np.ndarray | None = None,
 ) -> list[ProbeResult]:
     """For each attribute in `labels` (attribute -> one label per store row) and each pool, the test accuracy of
-    a linear classifier fitted on the train rows' features. `features`: (N, h, w, C), a memory map is fine."""
+    a linear classifier fitted on the train rows' features. `features`: (N, h, w, C), a memory map is fine;
+    `weights` (N, h * w): each row's cell weights, for the pool "glimpse"."""
+    if "glimpse" in pools and weights is None:
+        raise ValueError("the glimpse pool needs each row's cell weights")
     results = []
     with torch.no_grad():
-        pooled = {pool: [_inputs(features, r, pool) for r in (train_rows, val_rows, test_rows)] for pool in pools}
+        pooled = {
+            pool: [_inputs(features, r, pool, weights) for r in (train_rows, val_rows, test_rows)] for pool in pools
+        }
     for pool, (x_train, x_val, x_test) in pooled.items():
         mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
         x_train, x_val, x_test = ((x - mean) / std for x in (x_train, x_val, x_test))

@@ -75,9 +75,11 @@ def object_attention(model: Path, store: Path, truth: dict[str, dict], beam_size
     return attention_on_object(items)
 
 
-def probe_accuracy(store: Path, truth: dict[str, dict]) -> dict[str, float]:
-    """What a linear classifier reads from the store's features (pipeline.probe, on the whole grid): the
-    test accuracy per attribute, the ceiling the captions are held to."""
+def probe_accuracy(store: Path, truth: dict[str, dict], pool: str = "grid") -> dict[str, float]:
+    """What a linear classifier reads from the store's features (pipeline.probe): the test accuracy per
+    attribute, the ceiling the captions are held to. pool "grid": the whole grid; "glimpse": one mean of the
+    cells weighted by the share of each the object covers (`object_mask`; pictures that record their object),
+    what one attention step on the object reads."""
     from pipeline.probe import linear_probe
     from pipeline.store import FeatureStore
 
@@ -85,7 +87,12 @@ def probe_accuracy(store: Path, truth: dict[str, dict]) -> dict[str, float]:
         names = features.images
         labels = {a: [truth[n][a] if n in truth else "" for n in names] for a in ("colour", "shape", "place")}
         train, val, test = (features.split_rows(s) for s in ("train", "val", "test"))
-        found = linear_probe(features.features, labels, train, val, test, pools=("grid",))
+        weights = None
+        if pool == "glimpse":
+            grid = features.features.shape[1]
+            cells = np.ones(grid * grid)  # a row without an object
+            weights = np.stack([object_mask(truth[n], truth[n]["size"], grid) if n in truth else cells for n in names])
+        found = linear_probe(features.features, labels, train, val, test, pools=(pool,), weights=weights)
     return {r.attribute: r.accuracy for r in found}
 
 
@@ -199,13 +206,17 @@ def _clear(out: Path) -> None:
 def _report_attributes(result: dict, model: Path, store: Path, truth: dict[str, dict]) -> None:
     """How often the test captions name each attribute, next to the linear probe's ceiling, and where the
     attention goes while they name a colour or a shape."""
-    probe = probe_accuracy(store, truth)
+    probe, glimpse = probe_accuracy(store, truth), probe_accuracy(store, truth, "glimpse")
     log.info(
         "\nhow often a test caption names the right attribute, next to the ceiling: what a linear classifier reads "
-        "from the same features (chance = a random guess):"
+        "from the same features, from the whole grid and from one glimpse (the object's cells averaged, as one "
+        "attention step reads them); chance = a random guess:"
     )
     for attr, (acc, chance) in attribute_accuracy(result["captions"], truth).items():
-        log.info(f"  {attr:7s} captions {acc:6.1%}   linear probe {probe[attr]:6.1%}   chance {chance:6.1%}")
+        log.info(
+            f"  {attr:7s} captions {acc:6.1%}   linear probe {probe[attr]:6.1%}   one glimpse {glimpse[attr]:6.1%}   "
+            f"chance {chance:6.1%}"
+        )
     att = object_attention(model, store, truth)
     log.info("attention on the object while a test caption names a colour or a shape (1x = spread evenly):")
     for kind in ("colour", "shape"):

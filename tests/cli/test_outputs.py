@@ -347,4 +347,4 @@ def test_demo_runs_at_reduced_size(tmp_path, caplog):
     assert (out / "attention.png").is_file() and (out / "scores.json").is_file()
     assert (out / "model.pt").is_file() and (out / "metrics.jsonl").is_file()
     reported = caplog.text  # the demo's report, through logging (the CLI prints it)
-    assert "chance" in reported and "reference" in reported
+    assert "chance" in reported and "reference" in reported and "one glimpse" in reported
