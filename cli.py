@@ -301,6 +301,16 @@ def fit(
         str, typer.Option(help="Layer sizes: report (the report's decoder) or tiny (for tests, smoke runs).")
     ] = T.decoder,
     init_from_features: Annotated[bool, typer.Option(help="SAT: h0/c0 from the mean feature.")] = T.init_from_features,
+    init_from_grid: Annotated[
+        int,
+        typer.Option(
+            min=0, help="h0/c0 from the whole feature grid, K numbers per cell (0: zeros, the report's decoder)."
+        ),
+    ] = T.init_from_grid,
+    init_drop: Annotated[
+        float,
+        typer.Option(min=0, max=0.99, help="Training: each image's state from the grid is zeros with this chance."),
+    ] = T.init_drop,
     dropout: Annotated[float, typer.Option(min=0, max=0.9, help="SAT: dropout before the output layer.")] = T.dropout,
     gate: Annotated[bool, typer.Option(help="SAT: gating scalar on the attention context.")] = T.gate,
     attention_penalty: Annotated[

@@ -107,6 +107,10 @@ class TrainConfig:
     decoder: str = "report"  # layer sizes, a name in pipeline.model.DECODER_PRESETS ("tiny" for tests)
     # Show, Attend and Tell options (see pipeline/model.py); attention_penalty is its lambda
     init_from_features: bool = False
+    # h0/c0 from the whole feature grid, K numbers per cell (0: zeros, the report's), each image's replaced by
+    # zeros with probability init_drop in training (pipeline/model.py DecoderConfig; BENCHMARKS.md, quality)
+    init_from_grid: int = 8
+    init_drop: float = 0.5
     dropout: float = 0.0
     gate: bool = False
     attention_penalty: float = 0.0
@@ -170,6 +174,13 @@ class TrainConfig:
             raise UserError("--lr and --lr-gamma must be positive")
         if self.grad_clip < 0 or self.attention_penalty < 0 or not 0 <= self.dropout < 1:
             raise UserError("--grad-clip and --attention-penalty must be at least 0, --dropout in [0, 1)")
+        if self.init_from_grid < 0 or not 0 <= self.init_drop < 1:
+            raise UserError("--init-from-grid must be at least 0, --init-drop in [0, 1)")
+        if self.init_from_features and self.init_from_grid:
+            raise UserError(
+                f"--init-from-features and --init-from-grid {self.init_from_grid} both set the decoder's first "
+                "state: add --init-from-grid 0 to start from the mean feature"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"--lr-schedule takes {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
         if self.feature_norm not in FEATURE_NORMS:

@@ -224,6 +224,7 @@ class FeatureStats:
     mean: torch.Tensor  # (D,) float32
     std: torch.Tensor  # (D,) float32, floored (see feature_stats)
     rms: float  # of all the values: 1/rms is the single scale of `--feature-norm rms`
+    cell_mean: torch.Tensor | None = None  # (cells, D) float32: each grid cell's own mean (`--init-from-grid`)
 
 
 def feature_stats(
@@ -235,6 +236,7 @@ def feature_stats(
 ) -> FeatureStats:
     """Mean, standard deviation and RMS of each channel over every grid cell of (up to) `sample` rows evenly
     spaced over `rows` (fit passes the train split's: nothing of the val or test images leaks into the model),
+    and each cell's own mean of each channel,
     read `batch_size` rows at a time and summed in float64. `encode`: what the decoder reads is not the stored
     rows but encode(rows) (layer4 run on a layer3 store's rows).
 
@@ -244,13 +246,15 @@ def feature_stats(
     prior): deviations are floored at a tenth of the median channel's, so no channel is amplified more than ten
     times the typical one."""
     pick = np.unique(rows[np.linspace(0, len(rows) - 1, min(sample, len(rows))).astype(int)])
-    total = square = None
+    total = square = cells = None
     count = 0
     with torch.no_grad():
         for i in range(0, len(pick), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(features[pick[i : i + batch_size]]))
             x = (encode(x) if encode is not None else x).double()
-            x = x.reshape(-1, x.shape[-1])  # (cells, D)
+            per_cell = x.reshape(x.shape[0], -1, x.shape[-1]).sum(0)  # (cells, D)
+            cells = per_cell if cells is None else cells + per_cell
+            x = x.reshape(-1, x.shape[-1])  # (rows x cells, D)
             total = x.sum(0) if total is None else total + x.sum(0)
             square = x.square().sum(0) if square is None else square + x.square().sum(0)
             count += x.shape[0]
@@ -261,7 +265,8 @@ def feature_stats(
     std = var.sqrt()
     floor = STD_FLOOR * float(std.median()) if float(std.median()) > 0 else 1e-6
     rms = float((square.sum() / (count * len(mean))).sqrt())
-    return FeatureStats(mean.float(), std.clamp_min(floor).float(), rms)
+    cell_mean = (cells * cells.shape[0] / count).float()  # count = rows x cells
+    return FeatureStats(mean.float(), std.clamp_min(floor).float(), rms, cell_mean)
 
 
 def feature_scale(

@@ -83,6 +83,8 @@ def resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     resumed.setdefault("freeze_embeddings", False)
     resumed.setdefault("warmup_steps", 0)
     resumed.setdefault("lr_schedule", "constant")
+    resumed.setdefault("init_from_grid", 0)  # and from before the state from the grid: zeros
+    resumed.setdefault("init_drop", 0.0)
     # the SCST schedule is the command line's when given (typed, or set by a script), else last.pt's
     given = {k for k in SCST_KEYS if k in cfg.typed or getattr(cfg, k) != getattr(TrainConfig, k)}
     resumed |= {k: saved[k] for k in SCST_KEYS if k in saved and k not in given}
@@ -114,6 +116,9 @@ def build_model(cfg: TrainConfig, vocab_size: int, stats: FeatureStats | None = 
             cfg.decoder,
             vocab_size=vocab_size,
             init_from_features=cfg.init_from_features,
+            init_from_grid=cfg.init_from_grid,
+            init_drop=cfg.init_drop,
+            **({"grid_cells": stats.cell_mean.shape[0]} if stats is not None and stats.cell_mean is not None else {}),
             dropout=cfg.dropout,
             gate=cfg.gate,
             feature_scale=1.0 / stats.rms if norm == "rms" and stats.rms > 0 else 1.0,
@@ -122,6 +127,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, stats: FeatureStats | None = 
     )
     if norm == "channel":
         decoder.set_feature_stats(stats.mean, stats.std)
+    if cfg.init_from_grid and stats is not None and stats.cell_mean is not None:
+        decoder.set_grid_mean(stats.cell_mean)
     return decoder
 
 
@@ -165,7 +172,7 @@ def start(cfg: TrainConfig, data: TrainingData, device: torch.device) -> Trainin
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(data.store, trainable=cfg.finetune is not None)
     stats = None
-    if cfg.feature_norm != "none":
+    if cfg.feature_norm != "none" or cfg.init_from_grid:
         encode = None
         if encoder is not None:
             encoder.to(device)

@@ -23,6 +23,8 @@ RESUMED_KEYS = (
     "min_word_count",
     "max_len",
     "init_from_features",
+    "init_from_grid",
+    "init_drop",
     "dropout",
     "gate",
     "feature_norm",

@@ -97,18 +97,19 @@ def test_fit_passes_every_option(calls):
         "--grad-clip", "1.5", "--lr-step", "10", "--lr-gamma", "0.5", "--decoder", "tiny", "--init-from-features",
         "--dropout", "0.2", "--gate", "--attention-penalty", "1", "--val-decode-images", "50", "--amp", "--compile",
         "--feature-norm", "rms", "--finetune", "layer4", "--encoder-lr", "0.0005", "--finetune-after", "2",
-        "--scst-after", "5", "--scst-baseline", "greedy", "--lr-schedule", "cosine",
+        "--scst-after", "5", "--scst-baseline", "greedy", "--lr-schedule", "cosine", "--init-from-grid", "0",
+        "--init-drop", "0.25",
     )  # fmt: skip
     expected = TrainConfig(
         store="s.h5", out="run", epochs=7, batch_size=9, lr=0.002, resume=True, device="cpu", seed=3,
         min_word_count=2, captions_per_image=4, grad_clip=1.5, lr_step=10, lr_gamma=0.5, decoder="tiny",
         init_from_features=True, dropout=0.2, gate=True, attention_penalty=1.0, val_decode_images=50, amp=True,
         compile=True, feature_norm="rms", finetune="layer4", encoder_lr=0.0005, finetune_after=2,
-        scst_after=5, scst_baseline="greedy", lr_schedule="cosine",
+        scst_after=5, scst_baseline="greedy", lr_schedule="cosine", init_from_grid=0, init_drop=0.25,
         typed=("amp", "attention_penalty", "batch_size", "captions_per_image", "compile", "decoder", "device",
                "dropout", "encoder_lr", "epochs", "feature_norm", "finetune", "finetune_after", "gate", "grad_clip",
-               "init_from_features", "lr", "lr_gamma", "lr_schedule", "lr_step", "min_word_count", "out", "resume",
-               "scst_after", "scst_baseline", "seed", "store", "val_decode_images"),
+               "init_drop", "init_from_features", "init_from_grid", "lr", "lr_gamma", "lr_schedule", "lr_step",
+               "min_word_count", "out", "resume", "scst_after", "scst_baseline", "seed", "store", "val_decode_images"),
     )  # fmt: skip
     assert calls == [("fit", expected)]
     _invoke("fit", "--no-amp")

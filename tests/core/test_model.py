@@ -72,6 +72,9 @@ class FourGateReference(nn.Module):
         if cfg.init_from_features:
             mean = feats.mean(0)
             h, c = torch.tanh(m.init_h(mean)), torch.tanh(m.init_c(mean))
+        elif cfg.init_from_grid:  # each cell's K numbers, cell after cell, through one Linear
+            joined = torch.cat([m.init_cells(feats[p]) for p in range(feats.shape[0])])
+            h, c = torch.tanh(m.init_grid(joined)).split(cfg.hidden_dim)
         else:
             h, c = torch.zeros(cfg.hidden_dim), torch.zeros(cfg.hidden_dim)
         logits, alphas = [], []
@@ -105,8 +108,13 @@ def test_forward_shapes_and_attention_is_a_distribution():
 
 @pytest.mark.parametrize(
     ("groups", "flags"),
-    [(1, {}), (2, {}), (2, {"init_from_features": True, "gate": True, "feature_scale": 0.5})],
-    ids=["G1", "G2", "G2-sat"],
+    [
+        (1, {}),
+        (2, {}),
+        (2, {"init_from_features": True, "gate": True, "feature_scale": 0.5}),
+        (2, {"init_from_grid": 4, "init_drop": 0.5}),
+    ],
+    ids=["G1", "G2", "G2-sat", "G2-grid"],
 )
 def test_fused_cell_equals_plain_four_gate_reference(groups, flags):
     model = _model(seed=3, **flags).eval()
@@ -140,7 +148,11 @@ def test_groups_share_the_image_but_not_the_sequence():
     assert not torch.allclose(both[:, 0], both[:, 1])
 
 
-@pytest.mark.parametrize("flags", [{}, {"init_from_features": True, "gate": True}], ids=["report", "sat"])
+@pytest.mark.parametrize(
+    "flags",
+    [{}, {"init_from_features": True, "gate": True}, {"init_from_grid": 8, "init_drop": 0.5}],
+    ids=["report", "sat", "grid"],
+)
 def test_step_api_matches_teacher_forced_forward(flags):
     model = _model(**flags).eval()
     feats, tokens = _features(2), _tokens(2, 3, 5)
@@ -167,11 +179,12 @@ def test_state_select_reorders_sequences():
 
 @pytest.mark.parametrize(
     "flags",
-    [{}, {"init_from_features": True, "dropout": 0.5, "gate": True}],
-    ids=["report", "all-sat-flags"],
+    [{}, {"init_from_features": True, "dropout": 0.5, "gate": True}, {"init_from_grid": 8, "init_drop": 0.5}],
+    ids=["report", "all-sat-flags", "grid"],
 )
 def test_every_parameter_gets_a_finite_nonzero_gradient(flags):
     model = _model(**flags).train()
+    torch.manual_seed(0)  # init_drop: this seed keeps at least one image's state from the grid
     tokens = _tokens(2, 2, 6)
     tokens[0, 1, 4:] = PAD_ID  # a shorter caption
     inputs, targets = tokens[..., :-1], tokens[..., 1:]
@@ -180,12 +193,37 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(flags):
     loss.backward()
     assert torch.isfinite(loss)
     names = {n for n, _ in model.named_parameters()}
-    if flags:
+    if flags.get("init_from_features"):
         assert {"init_h.weight", "init_c.weight", "f_beta.weight"} <= names
+    if flags.get("init_from_grid"):
+        assert {"init_cells.weight", "init_grid.weight"} <= names
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_init_drop_zeroes_some_images_state_in_training_only():
+    """init_drop: teacher-forced training starts that share of the images from zeros (the report's state) and
+    the rest from the grid; evaluation and the step API (decoding, SCST's samples) never drop."""
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=V, **NARROW, init_from_grid=4, init_drop=0.5))
+    feats = _features(200, dim=NARROW_D)
+    torch.manual_seed(0)
+    dropped = model.init_state(feats, drop=True)
+    zero = (dropped.h == 0).all(-1).squeeze(1) & (dropped.c == 0).all(-1).squeeze(1)
+    assert 70 <= int(zero.sum()) <= 130  # about half
+    kept = model.init_state(feats)
+    torch.testing.assert_close(dropped.h[~zero], kept.h[~zero])
+    assert not (kept.h == 0).all(-1).any()
+    # forward drops in train mode only
+    tokens = _tokens(200, 1, 3)
+    with torch.no_grad():
+        train_logits, _ = model.train()(feats, tokens)
+        eval_logits, _ = model.eval()(feats, tokens)
+        again, _ = model(feats, tokens)
+    torch.testing.assert_close(eval_logits, again)
+    assert not torch.allclose(train_logits, eval_logits)
 
 
 def test_masked_loss_ignores_pad_positions():

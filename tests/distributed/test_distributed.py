@@ -33,6 +33,9 @@ CPU = torch.device("cpu")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # the settings of the resumed runs: dropout (per-rank masks), 2 captions an image, CIDEr-D decoding split
 RESUMED = ("--dropout", "0.3", "--captions-per-image", "2", "--val-decode-images", "3")
+# the runs compared with one process: no random init-drop (like dropout, each rank draws its own images' masks,
+# so that two processes train the one process's model only in distribution)
+EXACT = ("--init-drop", "0")
 
 
 def _fit_args(store: Path, out: Path, *extra: str) -> list[str]:
@@ -244,7 +247,9 @@ def scenarios(store20, layer3_store, images7, extracted1, env, tmp_path_factory)
     commands = [
         (
             "ddp_fit",
-            _fit_args(store20.path, d["ddp_fit"], "--batch-size", "4", "--epochs", "2", "--val-decode-images", "3"),
+            _fit_args(
+                store20.path, d["ddp_fit"], "--batch-size", "4", "--epochs", "2", "--val-decode-images", "3", *EXACT
+            ),
         ),  # fmt: skip
         (
             "ddp_finetune",
@@ -259,6 +264,7 @@ def scenarios(store20, layer3_store, images7, extracted1, env, tmp_path_factory)
                 "1",
                 "--val-decode-images",
                 "3",
+                *EXACT,
             ),
         ),  # fmt: skip
         ("whole", _fit_args(store20.path, d["whole"], "--batch-size", "4", "--epochs", "2", *RESUMED)),
@@ -344,7 +350,7 @@ def test_two_process_loss_equals_one_process_with_the_global_batch(scenarios, st
     out = scenarios[1]["ddp_fit"]
     one = tmp_path / "one"
     fit(TrainConfig(store=str(store20.path), out=str(one), epochs=2, batch_size=8, lr=0.01, device="cpu",
-                    min_word_count=1, val_decode_images=3, decoder="tiny"))  # fmt: skip
+                    min_word_count=1, val_decode_images=3, decoder="tiny", init_drop=0.0))  # fmt: skip
     for a, b in zip(_metrics(one), _metrics(out), strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
@@ -362,7 +368,8 @@ def test_two_process_finetune_equals_one_process_with_the_global_batch(scenarios
     _ok(results, "ddp_finetune")
     one = tmp_path / "one"
     fit(TrainConfig(store=str(layer3_store.path), out=str(one), epochs=1, batch_size=8, lr=0.01, device="cpu",
-                    min_word_count=1, val_decode_images=3, decoder="tiny", finetune="layer4"))  # fmt: skip
+                    min_word_count=1, val_decode_images=3, decoder="tiny", finetune="layer4",
+                    init_drop=0.0))  # fmt: skip
     (a,), (b,) = _metrics(one), _metrics(d["ddp_finetune"])
     assert b["processes"] == 2 and b["encoder_trained"]
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)

@@ -91,7 +91,7 @@ def test_frozen_file_vectors_are_in_the_checkpoints_and_resume_keeps_them_frozen
             if word in itos:
                 np.testing.assert_array_equal(weight[itos.index(word)].numpy(), vector)
     # the fused Adam holds no state for the frozen parameter, and the rest trained
-    buffers = {"feature_mean", "feature_inv_std"}  # the input statistics: state, not parameters
+    buffers = {"feature_mean", "feature_inv_std", "grid_mean"}  # the input statistics: state, not parameters
     n_params = len(first["model"].keys() - buffers)
     assert len(first["optimizer"]["state"]) == n_params - 1
 

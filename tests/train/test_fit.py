@@ -577,15 +577,28 @@ def test_compile_trains_the_same_model_without_compiling_again_for_each_caption_
         assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
 
 
+def test_two_first_states_are_refused_with_the_option_that_resolves_it():
+    TrainConfig(init_from_features=True, init_from_grid=0).validate()  # SAT's mean feature alone
+    with pytest.raises(UserError, match="add --init-from-grid 0"):
+        TrainConfig(init_from_features=True).validate()  # and the default state from the grid
+    for bad in ({"init_from_grid": -1}, {"init_drop": 1.0}, {"init_drop": -0.1}):
+        with pytest.raises(UserError, match="--init-from-grid must be at least 0, --init-drop in"):
+            TrainConfig(**bad).validate()
+
+
 def test_a_checkpoint_from_before_channel_statistics_loads_decodes_and_resumes_as_trained(store20, tmp_path):
     """Checkpoints written before --feature-norm hold `feature_scale` (1/RMS) alone, and a train_config whose
-    `feature_scale` is a bool. They decode as they did, and --resume continues them with the one scale."""
+    `feature_scale` is a bool; nor do they know --init-from-grid. They decode as they did, and --resume
+    continues them with the one scale and the zero state."""
     out = tmp_path / "old"
-    fit(_cfg(store20.path, out, epochs=1, feature_norm="rms"))
+    fit(_cfg(store20.path, out, epochs=1, feature_norm="rms", init_from_grid=0))
     for name in ("last.pt", "model.pt"):  # rewrite them as the older version wrote them
         ckpt = _load(out / name)
         del ckpt["model_config"]["feature_norm"]
         del ckpt["train_config"]["feature_norm"]
+        for key in ("init_from_grid", "grid_cells", "init_drop"):
+            del ckpt["model_config"][key]
+            ckpt["train_config"].pop(key, None)
         ckpt["train_config"]["feature_scale"] = True
         torch.save(ckpt, out / name)
     old = _load(out / "model.pt")
@@ -594,16 +607,17 @@ def test_a_checkpoint_from_before_channel_statistics_loads_decodes_and_resumes_a
     assert not model.cfg.feature_norm and model.cfg.feature_scale == old["model_config"]["feature_scale"]
 
     # a schedule it did not have is refused, not applied to it: it trained at a constant rate, without warm-up
-    for option in ({"lr_schedule": "cosine"}, {"warmup_steps": 5}):
+    for option in ({"lr_schedule": "cosine"}, {"warmup_steps": 5}, {"init_from_grid": 8}):
         ckpt = _load(out / "last.pt")
         ckpt["train_config"] = {
             k: v for k, v in ckpt["train_config"].items() if k not in ("lr_schedule", "warmup_steps")
         }
         torch.save(ckpt, out / "last.pt")
-        with pytest.raises(UserError, match="last.pt: (constant|0)"):
+        with pytest.raises(UserError, match="last.pt: (constant|0)\\)"):
             fit(_cfg(store20.path, out, epochs=2, resume=True, typed=tuple(option), **option))
     fit(_cfg(store20.path, out, epochs=2, resume=True))
     resumed = _load(out / "last.pt")
     assert resumed["epoch"] == 2 and resumed["train_config"]["feature_norm"] == "rms"
+    assert resumed["train_config"]["init_from_grid"] == 0 and "grid_mean" not in resumed["model"]
     assert resumed["model_config"]["feature_scale"] == old["model_config"]["feature_scale"]
     assert "feature_mean" not in resumed["model"]

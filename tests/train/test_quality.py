@@ -93,3 +93,36 @@ def test_captions_name_what_a_linear_probe_reads_from_badly_scaled_features(scal
     # the cause, shown: the same run with all channels scaled by one number (the default before) misses the colour
     _fit(path, tmp_path / "rms", feature_norm="rms")
     assert _named(path, tmp_path / "rms", truth)["colour"] < 0.7
+
+
+def _placed_features(n: int, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """(n, 7, 7, 2048) noise with one object: the same vector in every image, added to one of three cells of the
+    second row or of the sixth. Where it is (the label) is in which cell holds it, and in nothing else: any
+    weighted mean of the cells (what an attention step reads) is the same wherever the object is."""
+    rng = np.random.default_rng(seed)
+    thing = 2.0 + rng.random(2048)
+    feats = np.abs(rng.standard_normal((n, 7, 7, 2048)))
+    truth = []
+    for i in range(n):
+        where = ("up", "down")[int(rng.integers(2))]
+        feats[i, 1 if where == "up" else 5, 1 + 2 * int(rng.integers(3))] += thing
+        truth.append({"colour": where})  # `_named` reads the attribute "colour"
+    return feats.astype(np.float32), truth
+
+
+@pytest.mark.slow  # two fits of 12 epochs: ~30 s on 2 cores
+def test_captions_name_where_the_object_is_from_the_state_from_the_grid(tmp_path):
+    """fit's default reads the whole grid once per image (`--init-from-grid`): the captions name what only the
+    arrangement of the cells says. The report's decoder (`--init-from-grid 0`), which sees the image only through
+    weighted means of the cells, cannot: it names it at chance."""
+    n = 240
+    feats, truth = _placed_features(n)
+    path = tmp_path / "features.h5"
+    captions = [[f"the thing is {t['colour']} .", f"a thing {t['colour']}", f"{t['colour']} thing"] for t in truth]
+    make_store(path, n, captions=captions, splits=default_splits(n), features=feats, dtype="float32")
+
+    _fit(path, tmp_path / "grid")
+    assert _named(path, tmp_path / "grid", truth)["colour"] >= 0.9
+
+    _fit(path, tmp_path / "report", init_from_grid=0)
+    assert _named(path, tmp_path / "report", truth)["colour"] <= 0.75
