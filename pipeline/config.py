@@ -174,8 +174,8 @@ class TrainConfig:
             raise UserError("--lr and --lr-gamma must be positive")
         if self.grad_clip < 0 or self.attention_penalty < 0 or not 0 <= self.dropout < 1:
             raise UserError("--grad-clip and --attention-penalty must be at least 0, --dropout in [0, 1)")
-        if self.init_from_grid < 0 or not 0 <= self.init_drop < 1:
-            raise UserError("--init-from-grid must be at least 0, --init-drop in [0, 1)")
+        if not 0 <= self.init_from_grid <= 2048 or not 0 <= self.init_drop < 1:  # no more numbers than channels
+            raise UserError("--init-from-grid must be in [0, 2048], --init-drop in [0, 1)")
         if self.init_from_features and self.init_from_grid:
             raise UserError(
                 f"--init-from-features and --init-from-grid {self.init_from_grid} both set the decoder's first "

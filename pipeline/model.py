@@ -9,6 +9,12 @@ Per step t, with image features F (P=49 positions x 2048) and previous state (h,
     c' = sigmoid(f) c + sigmoid(i) tanh(g);  h' = sigmoid(o) tanh(c')
     logits = fc_out(h')
 
+with (h, c) = 0 at the start (the report's), or with `init_from_grid` K (fit's default, 8):
+
+    [h0; c0] = tanh(W_grid [U (F_1 - m_1); ...; U (F_P - m_P)] + b)   # U: 2048 -> K, shared by the cells
+
+where m_p is cell p's mean over the train split's features (the buffer `grid_mean`).
+
 Speed without changing the function:
 - the four gate Linears are one (2860 -> 4x512) matmul, split by column into its word, hidden and
   context parts; the word part is computed for all steps at once, before the recurrence;

@@ -581,8 +581,8 @@ def test_two_first_states_are_refused_with_the_option_that_resolves_it():
     TrainConfig(init_from_features=True, init_from_grid=0).validate()  # SAT's mean feature alone
     with pytest.raises(UserError, match="add --init-from-grid 0"):
         TrainConfig(init_from_features=True).validate()  # and the default state from the grid
-    for bad in ({"init_from_grid": -1}, {"init_drop": 1.0}, {"init_drop": -0.1}):
-        with pytest.raises(UserError, match="--init-from-grid must be at least 0, --init-drop in"):
+    for bad in ({"init_from_grid": -1}, {"init_from_grid": 100_000}, {"init_drop": 1.0}, {"init_drop": math.nan}):
+        with pytest.raises(UserError, match=r"--init-from-grid must be in \[0, 2048\], --init-drop in"):
             TrainConfig(**bad).validate()
 
 
