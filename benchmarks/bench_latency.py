@@ -41,7 +41,9 @@ def _captioner(device: torch.device):
 
     torch.manual_seed(0)
     trunk, _ = build_encoder("none")
-    decoder = Decoder(DecoderConfig.preset("report", vocab_size=VOCAB, feature_norm=True)).eval()
+    # as fit makes it: channel statistics and the state from the grid (a cost per image, not per word)
+    cfg = DecoderConfig.preset("report", vocab_size=VOCAB, feature_norm=True, init_from_grid=8)
+    decoder = Decoder(cfg).eval()
     vocab = Vocabulary([f"w{i}" for i in range(VOCAB - 4)])
     trunk = trunk.to(device, memory_format=torch.channels_last)
     return Captioner(decoder.to(device), vocab, trunk, TransformConfig(), np.dtype(np.float16), device, 19)
