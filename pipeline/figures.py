@@ -120,7 +120,9 @@ def training_curves(records: list[dict], path: Path) -> Path:
     loss_ax.legend()
     cider_ax.plot(*series("val_cider_d"), marker=".", color="tab:green")
     cider_ax.set(title="validation CIDEr-D", xlabel="epoch")
-    if not series("val_cider_d")[0]:
+    decoded = bool(series("val_cider_d")[0])
+    if not decoded:  # an empty panel that says why, without the axes of an empty plot
+        cider_ax.set(xticks=[], yticks=[])
         cider_ax.text(
             0.5,
             0.5,
@@ -134,7 +136,7 @@ def training_curves(records: list[dict], path: Path) -> Path:
     speed_ax.plot(epochs, speed, marker=".", color="tab:purple")
     speed_ax.set(title="training samples/s", xlabel="epoch")
     speed_ax.set_ylim(0, 1.15 * max(speed, default=1.0))
-    for ax in (loss_ax, cider_ax, speed_ax):
+    for ax in (loss_ax, cider_ax, speed_ax) if decoded else (loss_ax, speed_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
