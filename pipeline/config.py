@@ -247,7 +247,8 @@ class DemoConfig:
     images: int = 960  # 768 train: shape is read from the features at 98% (linear probe) against 85% with 384
     # fit's --captions-per-image 1 (its default): an epoch costs 0.4x one with all 5 captions of every picture
     # (which carry the same picture), so 24 epochs make 4x the optimizer steps of 5 captions x 6 epochs in 1.4x
-    # the time; shape named in 89.6% of the test pictures instead of 86.5% (BENCHMARKS.md, quality)
+    # the time; with the report's decoder, shape named in 89.6% of the test pictures instead of 86.5%
+    # (BENCHMARKS.md, quality)
     epochs: int = 24
     captions_per_image: int = 1
     size: int = 224

@@ -67,7 +67,7 @@ def object_mask(attrs: dict, size: int, grid: int = 7) -> np.ndarray:
     scales the square picture uniformly; the encoder's cell (i, j) is centred on pixel (j, i) x size / grid
     (ResNet50's strided convolutions pad symmetrically: figures.heat_map), so its window is the grid's tiling
     moved half a cell up and left. (Measured on the picture's own tiling, the attention of the README's
-    figures sat half a cell low and right of the object, and the ratios came out 1.3-1.5x too low.)"""
+    figures sat half a cell low and right of the object, and the ratios came out 1.3-2.3x too low.)"""
     mask = Image.new("L", (size, size), 0)
     o = attrs["object"]
     _draw_object(ImageDraw.Draw(mask), attrs["shape"], o["cx"], o["cy"], o["r"], 255)

@@ -562,3 +562,27 @@ def test_feature_statistics_never_amplify_a_channel_dead_in_training():
     assert float(stats.std[5]) == pytest.approx(STD_FLOOR * typical, rel=1e-5)
     assert float(stats.mean[5]) == 0.0
     np.testing.assert_allclose(stats.mean.numpy()[:5], feats[..., :5].reshape(-1, 5).mean(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["channel", "rms", "none"])
+def test_grid_mean_is_each_cells_training_mean_in_the_space_the_decoder_reads(norm):
+    """The state from the grid centres each cell with the train split's mean of that cell, in the space
+    --feature-norm makes (channel, rms or raw): the mean training image enters it as zeros; one cell moves it."""
+    from pipeline.data import feature_stats
+    from pipeline.train import TrainConfig, build_model
+
+    rng = np.random.default_rng(0)
+    # each cell and channel its own scale, as a random ResNet50's positions differ (zero padding)
+    feats = (np.abs(rng.standard_normal((12, 7, 7, 2048))) * rng.uniform(0.5, 30, (7, 7, 2048))).astype(np.float32)
+    stats = feature_stats(feats, np.arange(12))
+    np.testing.assert_allclose(stats.cell_mean.numpy(), feats.mean(0).reshape(49, 2048), rtol=1e-5)
+    torch.manual_seed(0)
+    cfg = TrainConfig(decoder="tiny", feature_norm=norm, init_from_grid=4)
+    decoder = build_model(cfg, V, stats)
+    mean_image = torch.from_numpy(feats.mean(0, keepdims=True))
+    centred = decoder.normalise(mean_image) - decoder.grid_mean
+    assert float(centred.abs().max()) < 1e-3 * float(decoder.normalise(mean_image).abs().max())
+    moved = mean_image.clone()
+    moved[0, 3, 3] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(decoder.init_state(moved).h, decoder.init_state(mean_image).h)
