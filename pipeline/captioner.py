@@ -46,6 +46,7 @@ class Captioner:
     def __post_init__(self) -> None:
         if isinstance(self.model, Decoder):  # a bare decoder: a model trained on a layer4 store
             self.model = CaptionModel(self.model).eval()
+        self.model.decoder.for_inference()  # its weights stay as loaded: decoding keeps its step weights
 
     @property
     def decoder(self) -> Decoder:

@@ -52,6 +52,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise UserError(f"{cfg.store} has no {cfg.split} images")
     # on a layer3 store: the checkpoint's fine-tuned layer4, or the frozen one of the recorded weights
     model, vocab = checkpoint.build_model(ckpt, cfg.model, store.layer)
+    model.decoder.for_inference()  # its weights stay as loaded: decoding keeps its step weights
     model.to(device)
 
     steps = checkpoint.max_steps(ckpt)

@@ -140,6 +140,26 @@ class StepWeights:
     hidden: torch.Tensor  # (4H + A [+ D], H)
     hidden_bias: torch.Tensor
     context: torch.Tensor  # (4H, D)
+    # The word part of every word, W_e emb(v) + b (V, 4H): a step's word part is then a row lookup instead of a
+    # matmul. Only for a decoder marked `for_inference`, from its second decode with the same weights.
+    table: torch.Tensor | None = None
+
+
+class _StepCache:
+    """The StepWeights of a decoder marked `for_inference`, kept while its parameters keep their address and
+    version counter. It holds the parameters it was made from (detached: the same memory and version counter),
+    so that no other tensor can take their place at the same address."""
+
+    def __init__(self, sources: list[torch.Tensor], weights: StepWeights) -> None:
+        self.sources = [t.detach() for t in sources]
+        self.versions = [t._version for t in self.sources]
+        self.weights = weights
+
+    def matches(self, sources: list[torch.Tensor]) -> bool:
+        return len(sources) == len(self.sources) and all(
+            new.data_ptr() == old.data_ptr() and new.dtype == old.dtype and new._version == version
+            for new, old, version in zip(sources, self.sources, self.versions, strict=True)
+        )
 
 
 class Attention(nn.Module):
@@ -176,6 +196,8 @@ class Decoder(nn.Module):
             self.init_cells = nn.Linear(cfg.feature_dim, cfg.init_from_grid)
             self.init_grid = nn.Linear(cfg.grid_cells * cfg.init_from_grid, 2 * cfg.hidden_dim)
             self.register_buffer("grid_mean", torch.zeros(cfg.grid_cells, cfg.feature_dim))
+        self._inference = False  # `for_inference`
+        self._step_cache: _StepCache | None = None  # its step weights, kept between decodes
         if cfg.feature_norm:  # identity until fit sets them (`set_feature_stats`)
             self.register_buffer("feature_mean", torch.zeros(cfg.feature_dim))
             self.register_buffer("feature_inv_std", torch.ones(cfg.feature_dim))
@@ -204,9 +226,41 @@ class Decoder(nn.Module):
         return feats
 
     # -- the weights, split the way the fast path uses them ------------------------------------------
+    def for_inference(self) -> Decoder:
+        """Mark this decoder's weights as fixed from now on (generate, serve, evaluate: a loaded model): decoding
+        then keeps its step weights between calls, and from the second decode adds the word table
+        (`StepWeights.table`, V x 4H floats: 61 MB at V = 7,456, made in ~60 ms on 2 CPU cores; it saves a
+        matmul a step: BENCHMARKS.md, latency). A single caption never pays for the table.
+
+        `train()` ends it. So do new weights in another way that torch sees (load_state_dict, a change in place,
+        `.to()` another device or dtype): the kept weights are checked against the parameters' addresses and
+        version counters at each decode. An optimizer step is not always seen (fused Adam does not move the
+        version counters): that is why it is asked for, not guessed. Returns the decoder."""
+        self._inference = True
+        return self
+
+    def train(self, mode: bool = True) -> Decoder:
+        if mode:
+            self._inference, self._step_cache = False, None
+        return super().train(mode)
+
     def step_weights(self) -> StepWeights:
         """The gates' weights split by input (word, hidden, context), with one matmul on h for the gates' hidden
-        part and the attention query (and the SAT gate)."""
+        part and the attention query (and the SAT gate). Made afresh at each call (in the graph when grad is
+        enabled: SCST's samples), except after `for_inference`, where decoding keeps them."""
+        if torch.is_grad_enabled() or not self._inference:
+            return self._join_weights()
+        sources = list(self.parameters())
+        if any(p.is_inference() for p in sources):  # made under inference_mode: no version counter to watch
+            return self._join_weights()
+        cache = self._step_cache
+        if cache is None or not cache.matches(sources):
+            self._step_cache = _StepCache(sources, self._join_weights())
+        elif cache.weights.table is None:
+            cache.weights.table = F.linear(self.embedding.weight, cache.weights.word, cache.weights.bias)
+        return self._step_cache.weights
+
+    def _join_weights(self) -> StepWeights:
         e, h = self.cfg.embed_dim, self.cfg.hidden_dim
         w = self.gates.weight
         parts_w = [w[:, e : e + h], self.attention.h_att.weight]
@@ -263,7 +317,7 @@ class Decoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One recurrence step. word_gates (B, G, 4H) already holds W_e emb + b. Returns h, c, alpha."""
         hdim, adim = self.cfg.hidden_dim, self.cfg.attention_dim
-        hid = F.linear(state.h, weights.hidden, weights.hidden_bias)  # (B, G, 4H + A [+ D])
+        hid = linear(state.h, weights.hidden, weights.hidden_bias)  # (B, G, 4H + A [+ D])
         hid_gates, query = hid[..., : 4 * hdim], hid[..., 4 * hdim : 4 * hdim + adim]
         alpha = self.attention.weights(state.projected, query)  # (B, G, P)
         if state.context_gates is not None:
@@ -282,13 +336,13 @@ class Decoder(nn.Module):
     def step(self, state: DecoderState, tokens: torch.Tensor) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
         """tokens (B, G) -> logits (B, G, V), the next state, attention weights alpha (B, G, P)."""
         weights = state.weights if state.weights is not None else self.step_weights()
-        word_gates = F.linear(self.embedding(tokens), weights.word, weights.bias)
+        if weights.table is not None:
+            word_gates = F.embedding(tokens, weights.table)
+        else:
+            word_gates = linear(self.embedding(tokens), weights.word, weights.bias)
         h, c, alpha = self._cell(word_gates, state, weights)
-        out = self.dropout(h).reshape(-1, h.shape[-1])
-        # fc_out as W h rather than h W^T (F.linear): the same products, and on a CPU with a few rows (beam 3)
-        # MKL's h W^T took ~5x longer at V = 7,456 (measured: 1-2 ms against 7-11 ms a step).
-        logits = torch.mm(self.fc_out.weight, out.t()).t() + self.fc_out.bias
-        return logits.reshape(*h.shape[:-1], -1), state.advance(h, c), alpha
+        logits = linear(self.dropout(h), self.fc_out.weight, self.fc_out.bias)
+        return logits, state.advance(h, c), alpha
 
     def forward(
         self,
@@ -319,7 +373,7 @@ class Decoder(nn.Module):
         keep their state and their outputs at that step are stale: only for callers that mask them."""
         b, g, t = tokens.shape
         state = self.init_state(features, groups=g, for_steps=False, drop=self.training)
-        weights = self.step_weights()
+        weights = self._join_weights()
         word_gates = F.linear(self.embedding(tokens), weights.word, weights.bias)  # (B, G, T, 4H), all steps at once
         hs, alphas = [], []
         for step in range(t):
@@ -335,6 +389,24 @@ class Decoder(nn.Module):
             hs.append(h)
             alphas.append(alpha)
         return torch.stack(hs, dim=2), torch.stack(alphas, dim=2)  # (B, G, T, H), (B, G, T, P)
+
+
+FEW_ROWS = 16  # up to this many rows on a CPU, `linear` computes W x^T
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x (..., K), weight (N, K): the same products, computed as W x^T when x has at
+    most FEW_ROWS rows on a CPU, as a beam search's step has (3 at beam 3). There MKL's x W^T took 1.5-2.2x as
+    long as W x^T on the same weights (BENCHMARKS.md: 278 against 181 us for the gates' hidden part, 1,236
+    against 555 us for fc_out at V = 7,456); W x^T reads the weights at the speed of memory. The result is made
+    contiguous before the bias is added: a transposed result would slow each small operation after it."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows > FEW_ROWS:
+        return F.linear(x, weight, bias)
+    out = torch.mm(weight, x.reshape(rows, -1).t()).t().contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def compile_cell(decoder: Decoder) -> None:

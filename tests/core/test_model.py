@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.decode import Decoded, beam_search, decode_rows, greedy
 from pipeline.loss import attention_penalty, caption_loss, masked_loss
-from pipeline.model import Decoder, DecoderConfig
+from pipeline.model import Decoder, DecoderConfig, linear
 from pipeline.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
 V = 30  # a small vocabulary: the layer sizes are the report's (2048/300/512/256)
@@ -154,15 +155,117 @@ def test_groups_share_the_image_but_not_the_sequence():
     ids=["report", "sat", "grid"],
 )
 def test_step_api_matches_teacher_forced_forward(flags):
-    model = _model(**flags).eval()
+    model = _model(**flags).eval().for_inference()
     feats, tokens = _features(2), _tokens(2, 3, 5)
     with torch.no_grad():
         logits, alphas = model(feats, tokens)
-        state = model.init_state(feats, groups=3)
-        for t in range(tokens.shape[-1]):
-            step_logits, state, alpha = model.step(state, tokens[:, :, t])
-            torch.testing.assert_close(step_logits, logits[:, :, t], atol=1e-5, rtol=0)
-            torch.testing.assert_close(alpha, alphas[:, :, t], atol=1e-6, rtol=0)
+        for with_table in (False, True):  # for_inference: the second decode reads the word table
+            state = model.init_state(feats, groups=3)
+            assert (state.weights.table is not None) == with_table
+            for t in range(tokens.shape[-1]):
+                step_logits, state, alpha = model.step(state, tokens[:, :, t])
+                torch.testing.assert_close(step_logits, logits[:, :, t], atol=1e-5, rtol=0)
+                torch.testing.assert_close(alpha, alphas[:, :, t], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
+def test_linear_for_few_rows_is_f_linear(rows):
+    """`linear` computes W x^T for up to FEW_ROWS rows on a CPU: the same values and gradients as F.linear."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 2, 24, generator=g, requires_grad=True)
+    w = torch.randn(40, 24, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True)
+    out = linear(x, w, b)
+    ref = F.linear(x, w, b)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert out.is_contiguous() and out.shape == (rows, 2, 40)
+    grads = torch.autograd.grad(out.square().sum(), (x, w, b))
+    for got, want in zip(grads, torch.autograd.grad(ref.square().sum(), (x, w, b)), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=0)
+
+
+def _decode(model: Decoder, feats: torch.Tensor) -> list[Decoded]:
+    return beam_search(model, feats, beam_size=3, max_steps=8, n_best=3)
+
+
+def _same_decoding(a: list[Decoded], b: list[Decoded]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.tokens == y.tokens and [h.tokens for h in x.beams] == [h.tokens for h in y.beams]
+        assert x.score == pytest.approx(y.score, abs=1e-5)
+
+
+def test_decoding_follows_the_weights_when_they_change():
+    """A decoder marked for_inference keeps its step weights and word table between decodes. load_state_dict, a
+    change in place, a change of dtype, and training (train() ends it; fused Adam moves no version counter) must
+    each be decoded with the new weights, as a fresh decoder decodes them."""
+    from pipeline.train import make_optimizer
+
+    model = _narrow_model(seed=3).eval().for_inference()
+    feats = _features(3, seed=4, dim=NARROW_D)
+    for _ in range(2):  # the second makes the word table
+        _decode(model, feats)
+    assert model._step_cache.weights.table is not None
+
+    def fresh() -> Decoder:
+        twin = _narrow_model(seed=99).eval()
+        twin.load_state_dict(model.state_dict())
+        return twin
+
+    other = _narrow_model(seed=5).eval()
+    model.load_state_dict(other.state_dict())
+    _same_decoding(_decode(model, feats), _decode(other, feats))
+
+    with torch.no_grad():
+        model.embedding.weight[9].mul_(-3.0)
+    _same_decoding(_decode(model, feats), _decode(fresh(), feats))
+
+    before = [_decode(model, feats) for _ in range(2)][-1]
+    model.train()
+    opt = make_optimizer(model, 0.5)  # fit's Adam (fused where torch has it); a large rate: the captions change
+    logits, _ = model(feats, _tokens(3, 1, 6))
+    (-logits[..., 9].mean()).backward()  # every step towards word 9
+    opt.step()
+    model.eval()
+    after = _decode(model, feats)
+    _same_decoding(after, _decode(fresh(), feats))
+    assert [d.tokens for d in after] != [d.tokens for d in before]
+    assert model._step_cache is None  # training ended for_inference: decoding no longer keeps step weights
+
+    model.for_inference()
+    for _ in range(2):
+        _decode(model, feats)
+    model.double()
+    _same_decoding(_decode(model, feats.double()), _decode(fresh().double(), feats.double()))
+
+
+def test_sampling_with_grad_after_decoding_trains_every_step_weight():
+    """Decoding with grad enabled (SCST's samples) never uses kept step weights, even after for_inference and
+    no-grad decodes: the word, hidden and context parts of the gates, h_att and fc_out all get gradients."""
+    from pipeline.scst import sample
+
+    model = _narrow_model(seed=6).eval().for_inference()
+    feats = _features(2, seed=7, dim=NARROW_D)
+    with torch.no_grad():
+        for _ in range(2):
+            _decode(model, feats)
+    assert model._step_cache.weights.table is not None
+    torch.manual_seed(0)
+    drawn = sample(model, feats, k=2, max_steps=5)
+    drawn.log_probs.sum().backward()
+    for p in (model.embedding.weight, model.gates.weight, model.attention.h_att.weight, model.fc_out.weight):
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0)
+
+
+def test_a_decoder_made_under_inference_mode_decodes():
+    """Parameters made under inference_mode have no version counter to watch: decoding joins the step weights
+    afresh each time and gives what a decoder made outside it gives."""
+    feats = _features(2, seed=8, dim=NARROW_D)
+    with torch.inference_mode():
+        model = _narrow_model(seed=2).eval().for_inference()
+        first, second = _decode(model, feats), _decode(model, feats)
+    _same_decoding(first, second)
+    _same_decoding(first, _decode(_narrow_model(seed=2).eval(), feats))
 
 
 def test_state_select_reorders_sequences():
