@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import re
 import shlex
 import signal
@@ -22,7 +21,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from pipeline.config import MAX_BEAM_SIZE
+from pipeline.config import MAX_BEAM_SIZE, wait_passively
 from pipeline.config import DemoConfig as D
 from pipeline.config import EvaluateConfig as E
 from pipeline.config import ExtractConfig as X
@@ -31,11 +30,7 @@ from pipeline.config import ServeConfig as S
 from pipeline.config import TrainConfig as T
 from pipeline.errors import UserError, describe
 
-# torch's CPU threads (OpenMP) spin between its parallel regions by default. When anything else shares the cores,
-# a spinning team waits at each of a ResNet50 forward's ~170 regions for a partner that is not running: measured
-# on 2 shared cores, 2.3-4.9 s a forward against 0.12-0.27 s with passive waiting (docs/speed.md). Set before
-# torch is imported (it is imported by the commands, not here); a value the user set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+wait_passively()  # before any command imports torch
 
 app = typer.Typer(
     add_completion=False,

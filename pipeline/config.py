@@ -10,6 +10,7 @@ stays fast (importing torch takes seconds). `pipeline.extract.ExtractConfig`, `p
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,16 @@ SCST_BASELINES = ("mean", "greedy")  # TrainConfig.scst_baseline (pipeline/scst.
 # ExtractConfig.decode (extract --decode): where JPEGs are decoded. auto: on the GPU when the device is CUDA
 # (nvjpeg), else on the CPU (Pillow, in the workers); gpu: on the GPU or an error; cpu: always Pillow
 DECODE_MODES = ("auto", "cpu", "gpu")
+
+
+def wait_passively() -> None:
+    """Make torch's CPU threads (OpenMP) sleep between parallel regions instead of spinning, unless the user
+    set OMP_WAIT_POLICY. Called before torch is imported (OpenMP reads it once, when torch loads) by cli.py and
+    by the benchmarks, which measure what the commands run. When anything else shares the cores, a spinning
+    team waits at each of a ResNet50 forward's ~170 regions for a partner that is not running: on 2 shared
+    cores, 2.3-4.9 s a forward against 0.12-0.27 s. Its price on a quiet machine is a wake-up at each region:
+    a beam search step's matmuls pay it (BENCHMARKS.md, latency; docs/speed.md)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _transform() -> TransformConfig:
