@@ -3,6 +3,7 @@ queue up while it is busy are captioned together, one batch per beam size."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from concurrent.futures import Future
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.captioner import Captioner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +64,10 @@ class ModelWorker:
         return [j for j in jobs if j.future.set_running_or_notify_cancel()], stop
 
     def _run(self) -> None:
+        try:
+            self.captioner.warm_up()  # requests that come meanwhile wait in the queue
+        except Exception:  # each request then gets the error (a 500, logged) from its own model call
+            log.exception("warming up the model failed")
         stop = False
         while not stop:
             jobs, stop = self._take()

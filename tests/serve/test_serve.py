@@ -238,6 +238,29 @@ def test_concurrent_requests_give_the_sequential_results(client, photos, jpeg):
         np.testing.assert_allclose([b["score"] for b in c["beams"]], [b["score"] for b in s["beams"]], atol=1e-3)
 
 
+def test_the_model_is_warm_before_the_first_request(captioner, jpeg, monkeypatch):
+    """serve captions a grey picture twice before its first request, in the model thread: the first photo then
+    costs what later ones cost (the first call of each kernel; the decoder's word table, made at the second
+    decode with the same weights, is there for it)."""
+    from fastapi.testclient import TestClient
+
+    calls, tables = [], []
+    caption = Captioner.caption
+
+    def recording(self, pixels, beam_size=3, n_best=0):
+        calls.append((threading.current_thread().name, int(pixels.float().std() == 0)))
+        tables.append(self.decoder._step_cache is not None and self.decoder._step_cache.weights.table is not None)
+        return caption(self, pixels, beam_size, n_best)
+
+    monkeypatch.setattr(Captioner, "caption", recording)
+    app = create_app(captioner, ServeConfig(max_upload_mb=CAP_MB), "model.pt")
+    captioner.decoder._step_cache = None  # as just loaded
+    with TestClient(app) as c:
+        assert post(c, jpeg).status_code == 200
+    assert calls == [("captioner-model", 1), ("captioner-model", 1), ("captioner-model", 0)]
+    assert tables == [False, False, True]
+
+
 # -- the command -----------------------------------------------------------------------------------------------
 
 
