@@ -22,6 +22,12 @@ Speed without changing the function:
 - f_att(F) is computed once per image, not once per step;
 - fc_out runs once over all steps after the recurrence.
 
+Decoding (the step API: greedy, beam search, SCST's samples), one step at a time for a few sequences:
+- the context part of the gates is computed once per image, W_ctx F_p for each cell (`init_state`);
+- on a CPU, a few rows' matmuls run as W x^T (`linear`);
+- a loaded model (`Decoder.for_inference`: generate, serve, evaluate) looks the word part up in a table of
+  every word's, made once (`StepWeights.table`).
+
 Every tensor carries a group axis G: G captions (training with several captions per image) or G beams
 (beam search) share one image's features and their projection, which are never copied G times.
 
@@ -397,8 +403,8 @@ FEW_ROWS = 16  # up to this many rows on a CPU, `linear` computes W x^T
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x (..., K), weight (N, K): the same products, computed as W x^T when x has at
     most FEW_ROWS rows on a CPU, as a beam search's step has (3 at beam 3). There MKL's x W^T took 1.5-2.2x as
-    long as W x^T on the same weights (BENCHMARKS.md: 278 against 181 us for the gates' hidden part, 1,236
-    against 555 us for fc_out at V = 7,456); W x^T reads the weights at the speed of memory. The result is made
+    long as W x^T on the same weights (BENCHMARKS.md: 278 against 192 us for the gates' hidden part, 1,236
+    against 597 us for fc_out at V = 7,456); W x^T reads the weights at the speed of memory. The result is made
     contiguous before the bias is added: a transposed result would slow each small operation after it."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows > FEW_ROWS:
