@@ -261,6 +261,22 @@ def test_the_model_is_warm_before_the_first_request(captioner, jpeg, monkeypatch
     assert tables == [False, False, True]
 
 
+def test_a_model_that_fails_still_serves_and_each_request_gets_one_line(captioner, jpeg, monkeypatch, caplog):
+    """A model that raises (here: on every call, the warm-up's too): the server still starts and answers its
+    health check; a caption request gets a 500 with one plain sentence, and the log says why."""
+    from fastapi.testclient import TestClient
+
+    def broken(self, pixels, beam_size=3, n_best=0):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(Captioner, "caption", broken)
+    app = create_app(captioner, ServeConfig(max_upload_mb=CAP_MB), "model.pt")
+    with caplog.at_level("ERROR"), TestClient(app) as c:
+        assert c.get("/api/health").status_code == 200
+        _bad(post(c, jpeg), 500, "the model failed")
+    assert "out of memory (simulated)" in caplog.text
+
+
 # -- the command -----------------------------------------------------------------------------------------------
 
 
