@@ -262,7 +262,8 @@ class Decoder(nn.Module):
         cache = self._step_cache
         if cache is None or not cache.matches(sources):
             self._step_cache = _StepCache(sources, self._join_weights())
-        elif cache.weights.table is None:
+        elif cache.weights.table is None and not torch.is_autocast_enabled(sources[0].device.type):
+            # (under autocast the table would be made, and kept, in bf16 or fp16)
             cache.weights.table = F.linear(self.embedding.weight, cache.weights.word, cache.weights.bias)
         return self._step_cache.weights
 

@@ -257,6 +257,19 @@ def test_sampling_with_grad_after_decoding_trains_every_step_weight():
         assert p.grad is not None and bool(p.grad.abs().sum() > 0)
 
 
+def test_the_word_table_is_made_in_the_weights_dtype_even_under_autocast():
+    """A decode under autocast (bf16 on a CPU) must not make, and keep, the word table in bf16 for the decodes
+    after it: the table waits for a decode without autocast, and is then float32."""
+    model = _narrow_model(seed=4).eval().for_inference()
+    feats = _features(2, seed=5, dim=NARROW_D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            _decode(model, feats)
+    assert model._step_cache.weights.table is None
+    _decode(model, feats)
+    assert model._step_cache.weights.table.dtype == torch.float32
+
+
 def test_a_decoder_made_under_inference_mode_decodes():
     """Parameters made under inference_mode have no version counter to watch: decoding joins the step weights
     afresh each time and gives what a decoder made outside it gives."""
