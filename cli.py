@@ -7,8 +7,10 @@ Run `uv run cli.py --help`, or `uv run cli.py COMMAND --help` for one command.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
+import os
 import re
 import shlex
 import signal
@@ -404,6 +406,8 @@ def generate(
             print(caption_line(item, json), flush=True)
 
     _call(run)
+    global _skip_teardown
+    _skip_teardown = True
 
 
 @app.command()
@@ -446,5 +450,35 @@ def serve(
     _call(run_serve, cfg)
 
 
+_skip_teardown = False  # set by a command that succeeded and may end without the interpreter's teardown
+
+
+def _end_without_teardown() -> None:
+    """End the process now, as the interpreter would, less its teardown of torch's and torchvision's modules:
+    0.4 s for torch alone, 0.9 s with torchvision (measured on 2 cores), a quarter of a one-photo `generate`
+    from start to exit. What the teardown would do that matters still happens: the output streams are
+    flushed and the atexit functions run (logging's, temporary files'). Returns, for Python's own shutdown,
+    when a thread is still running or a stream cannot be flushed (a closed pipe: Python reports it)."""
+    if threading.active_count() > 1:
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        return
+    atexit._run_exitfuncs()  # what Python's shutdown runs first (the function the interpreter itself calls)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        os._exit(120)  # Python's exit status when it cannot flush at exit
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        if _skip_teardown and not e.code:
+            _end_without_teardown()
+        raise

@@ -228,6 +228,34 @@ def test_generate_never_blocks_on_a_fifo_or_dev_zero(trained, photos, tmp_path, 
     assert proc.returncode == 0 and "pipe.jpg" in err and out.startswith(f"{photos[0]}:"), err
 
 
+def test_generate_ends_without_the_teardown_and_loses_nothing(trained, photos, tmp_path, subprocess_env):
+    """generate ends with os._exit once it has flushed its output and run the atexit functions (cli.py,
+    `_end_without_teardown`: it skips the interpreter's teardown of torch's modules). Into a pipe, every JSON
+    line arrives whole, every figure is a whole PNG, an atexit function registered at start-up (as logging's
+    and temporary files' are) still runs, and the status is 0."""
+    from PIL import Image
+
+    site = tmp_path / "site"
+    site.mkdir()
+    marker = tmp_path / "atexit-ran"
+    (site / "sitecustomize.py").write_text(
+        f"import atexit\natexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+    )
+    env = {**subprocess_env, "PYTHONPATH": os.pathsep.join([str(site), subprocess_env.get("PYTHONPATH", "")])}
+    figs = tmp_path / "figs"
+    args = _generate(trained, *[a for p in photos for a in ("--image", p)], "--json", "--attention", f"{figs}/")
+    proc = _popen([str(a) for a in args], env)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    items = [json.loads(line) for line in out.splitlines()]
+    assert [item["image"] for item in items] == [str(p) for p in photos] and len(photos) >= 2
+    assert len(list(figs.iterdir())) == len(photos)
+    for figure in figs.iterdir():
+        with Image.open(figure) as im:
+            im.load()  # a truncated PNG fails here
+    assert marker.read_text() == "ran"
+
+
 @pytest.mark.parametrize("command", ["evaluate", "generate"])
 def test_huge_beam_size_is_a_usage_error(trained, photos, cli, command):
     args = _generate(trained, "--image", photos[0]) if command == "generate" else ["evaluate"]
