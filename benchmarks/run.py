@@ -108,6 +108,7 @@ def machine(device: torch.device) -> dict:
         "cpu": cpu_model(),
         "cores": cores,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # PASSIVE unless set, as cli.py runs
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "device": device.type,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -132,7 +133,8 @@ def machine_table(info: dict, started: str, quick: bool) -> str:
     load_line = f"- load average at start: {', '.join(f'{x:.2f}' for x in load)}{busy}\n" if load else ""
     return (
         f"## Benchmarks {started}{' (--quick)' if quick else ''}\n\n"
-        f"- machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+        f"- machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads, "
+        f"OMP_WAIT_POLICY={info.get('omp_wait_policy')}), "
         f"{info['memory_gib']} GiB RAM{gpu}; device {info['device']}\n"
         f"- software: Python {info['python']}, torch {info['torch']}, torchvision {info['torchvision']}, "
         f"numpy {info['numpy']}\n"
