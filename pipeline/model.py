@@ -403,10 +403,12 @@ FEW_ROWS = 16  # up to this many rows on a CPU, `linear` computes W x^T
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x (..., K), weight (N, K): the same products, computed as W x^T when x has at
-    most FEW_ROWS rows on a CPU, as a beam search's step has (3 at beam 3). There MKL's x W^T took 1.5-2.2x as
-    long as W x^T on the same weights (BENCHMARKS.md: 278 against 192 us for the gates' hidden part, 1,236
-    against 597 us for fc_out at V = 7,456); W x^T reads the weights at the speed of memory. The result is made
-    contiguous before the bias is added: a transposed result would slow each small operation after it."""
+    most FEW_ROWS rows on a CPU, as a beam search's step has (3 at beam 3). There MKL's x W^T was slower on the
+    same weights: fc_out at V = 7,456 2-3x (1,236 against 597 us with spinning threads, 3,258 against 1,151 us
+    with passive ones), the gates' hidden part 1.4x with spinning threads and about even with passive ones; the
+    whole search with the table, `linear` everywhere against it for fc_out alone: 50-54 against 53-63 ms
+    (passive; BENCHMARKS.md, latency). The result is made contiguous before the bias is added: a transposed
+    result would slow each small operation after it."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows > FEW_ROWS:
         return F.linear(x, weight, bias)
